@@ -151,3 +151,20 @@ def test_engine_runs_on_cuda_when_present():
     cpu = Engine(tiny_model("llama"))
     sparsity = SparsityConfig(keep=0.5)
     assert engine.generate_ids(prompts(), sparsity, GREEDY)[0].token_ids == cpu.generate_ids(prompts(), sparsity, GREEDY)[0].token_ids
+
+
+def test_a_custom_selector_decides_the_kept_neurons():
+    engine = Engine(tiny_model("llama"))
+    fixed = torch.tensor([3, 10, 20])
+    calls = []
+
+    def selector(layer, acts):
+        calls.append((layer, acts.shape))
+        return fixed
+
+    ps = prompts()
+    _, session = engine.continuation_logits(ps, [[1, 2]] * 3, SparsityConfig(layers=(1, 2)), selector=selector)
+    assert sorted({layer for layer, _ in calls}) == [1, 2]
+    assert sorted(shape[0] for layer, shape in calls if layer == 1) == sorted(len(p) for p in ps)  # unpadded
+    assert torch.equal(session.neurons[1], fixed.expand(3, 3))
+    assert session.ffn_density() == pytest.approx((3 / 64 * 2 + 2) / 4)

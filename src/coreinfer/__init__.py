@@ -1,6 +1,16 @@
 """coreinfer: training-free sentence-level sparse activation (CoreInfer) for faster LLM decoding."""
 
-from .engine import Engine, GenerationResult, SamplingConfig, SparseSession, SparsityConfig, TokenEvent, load
+from .engine import (
+    Engine,
+    GenerationResult,
+    RuleSelector,
+    SamplingConfig,
+    Selector,
+    SparseSession,
+    SparsityConfig,
+    TokenEvent,
+    load,
+)
 from .selection import RULES
 
 __version__ = "0.1.0"
@@ -9,6 +19,8 @@ __all__ = [
     "Engine",
     "GenerationResult",
     "RULES",
+    "RuleSelector",
+    "Selector",
     "SamplingConfig",
     "SparseSession",
     "SparsityConfig",

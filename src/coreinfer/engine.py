@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -73,19 +73,48 @@ class SamplingConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
 
+class Selector(Protocol):
+    """Chooses one layer's kept neurons from one sequence's prompt activations ``[T, N]``.
+
+    Returns sorted neuron indices ``[K]``. K may differ between layers but not
+    between the sequences of a batch.
+    """
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class RuleSelector:
+    """The default selector: one rule from ``selection.RULES`` with one keep for every layer."""
+
+    rule: str
+    keep: float
+    alpha: float
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return get_rule(self.rule)(acts, self.keep, self.alpha)
+
+
 class SparseSession:
     """One request's sparse state: its core neurons and compact weights, per layer.
 
     ``neurons[layer]`` is ``[B, K]``: each sequence's kept neurons, selected
-    from its own (unpadded) prompt tokens.
+    from its own (unpadded) prompt tokens by ``selector`` (by default the
+    config's rule; calibrated or static selectors plug in here).
     """
 
-    def __init__(self, config: SparsityConfig, ffns: Sequence[SparseFFN], prompt_mask: torch.Tensor):
+    def __init__(
+        self,
+        config: SparsityConfig,
+        ffns: Sequence[SparseFFN],
+        prompt_mask: torch.Tensor,
+        selector: Optional[Selector] = None,
+    ):
         self.config = config
         self.ffns = list(ffns)
         self.layers = config.sparse_layers(len(self.ffns))
         self.prompt_mask = prompt_mask.bool()  # [B, T]
-        self.rule = get_rule(config.rule)
+        self.selector = selector or RuleSelector(config.rule, config.keep, config.alpha)
         self.neurons: dict[int, torch.Tensor] = {}
         self.compacts: dict[int, CompactFFN] = {}
 
@@ -101,11 +130,9 @@ class SparseSession:
     def record(self, ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
         weights = ffn.weights
         acts = weights.activations(self._batched(x))  # [B, T, N]
-        chosen = [
-            self.rule(acts[b, self.prompt_mask[b]], self.config.keep, self.config.alpha)
-            for b in range(self.batch_size)
-        ]
-        self.neurons[ffn.layer_idx] = torch.stack(chosen)
+        layer = ffn.layer_idx
+        chosen = [self.selector(layer, acts[b, self.prompt_mask[b]]) for b in range(self.batch_size)]
+        self.neurons[layer] = torch.stack(chosen)
         return weights.project_down(acts).view(*x.shape[:-1], -1)
 
     def compact(self, ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +337,16 @@ class Engine:
         new_cache = getattr(out, "cache", None)
         return out.logits, new_cache if new_cache is not None else out.past_key_values
 
+    def new_session(
+        self, sparsity: Optional[SparsityConfig], mask: torch.Tensor, selector: Optional[Selector] = None
+    ) -> Optional[SparseSession]:
+        """A request's sparse state, or ``None`` for dense decoding."""
+        if sparsity is None:
+            if selector is not None:
+                raise ValueError("a selector needs a SparsityConfig (it names the sparse layers)")
+            return None
+        return SparseSession(sparsity, self.ffns, mask, selector)
+
     def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1):
         """Dense forward over the prompt; a session records and selects its core neurons."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -328,6 +365,7 @@ class Engine:
         sampling: SamplingConfig = SamplingConfig(),
         on_token: Optional[Callable[[TokenEvent], None]] = None,
         reference: bool = False,
+        selector: Optional[Selector] = None,
     ) -> list[GenerationResult]:
         """Generate for a batch of token-id prompts; ``sparsity=None`` decodes densely.
 
@@ -335,16 +373,16 @@ class Engine:
         weights: slower, same numbers, for tests.
         """
         with self.lock:
-            return self._generate(prompts, sparsity, sampling, on_token, reference)
+            return self._generate(prompts, sparsity, sampling, on_token, reference, selector)
 
-    def _generate(self, prompts, sparsity, sampling, on_token, reference) -> list[GenerationResult]:
+    def _generate(self, prompts, sparsity, sampling, on_token, reference, selector) -> list[GenerationResult]:
         device = self.device
         ids, mask = self._left_pad(prompts)
         seqs = [_Sequence(len(p), self._generator(sampling.seed)) for p in prompts]
         eos = self.eos_ids()
 
         start = time.perf_counter()
-        session = SparseSession(sparsity, self.ffns, mask) if sparsity is not None else None
+        session = self.new_session(sparsity, mask, selector)
         logits, cache = self.prefill(ids, mask, session)
         _sync(device)
         prefill_s = time.perf_counter() - start
@@ -398,6 +436,7 @@ class Engine:
         continuations: Sequence[Sequence[int]],
         sparsity: Optional[SparsityConfig] = None,
         reference: bool = False,
+        selector: Optional[Selector] = None,
     ) -> tuple[list[torch.Tensor], Optional[SparseSession]]:
         """Teacher-forced logits predicting each continuation token, ``[len(cont), V]`` each.
 
@@ -411,7 +450,7 @@ class Engine:
             raise ValueError("a continuation is empty")
         with self.lock:
             ids, mask = self._left_pad(prompts)
-            session = SparseSession(sparsity, self.ffns, mask) if sparsity is not None else None
+            session = self.new_session(sparsity, mask, selector)
             first, cache = self.prefill(ids, mask, session)
             if session is not None and not reference:
                 session.build_compacts()
