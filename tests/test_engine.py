@@ -168,3 +168,19 @@ def test_a_custom_selector_decides_the_kept_neurons():
     assert sorted(shape[0] for layer, shape in calls if layer == 1) == sorted(len(p) for p in ps)  # unpadded
     assert torch.equal(session.neurons[1], fixed.expand(3, 3))
     assert session.ffn_density() == pytest.approx((3 / 64 * 2 + 2) / 4)
+
+
+def test_a_selector_may_revise_its_choice_after_the_prompt():
+    engine = Engine(tiny_model("llama"))
+
+    class Revising:
+        def __call__(self, layer, acts):
+            return torch.arange(8)
+
+        def finalize(self, neurons):
+            return {layer: chosen + 1 for layer, chosen in neurons.items()}
+
+    _, session = engine.continuation_logits(prompts(), [[1]] * 3, SparsityConfig(layers=(2,)), selector=Revising())
+    assert session.neurons[2][0].tolist() == list(range(1, 9))
+    _, masked = engine.continuation_logits(prompts(), [[1]] * 3, SparsityConfig(layers=(2,)), selector=Revising(), reference=True)
+    assert torch.equal(masked.neurons[2], session.neurons[2])

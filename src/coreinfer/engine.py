@@ -83,6 +83,17 @@ class Selector(Protocol):
     def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor: ...
 
 
+def finalize_selection(selector: Selector, neurons: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Let a selector revise every layer's choice once the whole prompt has been seen.
+
+    A selector may define ``finalize(neurons) -> neurons`` (``{layer: [B, K]}``):
+    similarity-guided selection uses it to swap in its cluster's sets once the
+    prompt's features at the clustering layer are known.
+    """
+    finalize = getattr(selector, "finalize", None)
+    return finalize(neurons) if finalize is not None else neurons
+
+
 @dataclass(frozen=True)
 class RuleSelector:
     """The default selector: one rule from ``selection.RULES`` with one keep for every layer."""
@@ -353,7 +364,9 @@ class Engine:
         if session is None:
             return self._forward(ids, mask, positions, None, logits_to_keep)
         with session.phase(session.record):
-            return self._forward(ids, mask, positions, None, logits_to_keep)
+            logits, cache = self._forward(ids, mask, positions, None, logits_to_keep)
+        session.neurons = finalize_selection(session.selector, session.neurons)
+        return logits, cache
 
     # Generation
 
