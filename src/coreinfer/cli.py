@@ -88,6 +88,35 @@ def generate(
         )
 
 
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    keep: float = typer.Option(0.4, help="Default keep for requests that give none."),
+    alpha: float = typer.Option(0.2, help="Default alpha for requests that give none."),
+    rule: str = typer.Option("coreinfer", help="Default selection rule: coreinfer, official or magnitude."),
+    max_tokens: int = typer.Option(256, min=1, help="Default max_tokens for requests that give none."),
+    max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
+    max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a dense-vs-CoreInfer demo page at /."""
+    import uvicorn
+
+    from .engine import load
+    from .loading import ModelNotFound
+    from .server import ServerSettings, create_app
+
+    try:
+        settings = ServerSettings(keep, alpha, rule, max_tokens, max_tokens_limit, max_prompt_tokens)
+        engine = load(model, device=device)
+    except (ValueError, TypeError, ModelNotFound) as err:
+        _fail(str(err))
+    typer.secho(f"serving {engine.name} on http://{host}:{port} (demo page at /)", err=True)
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -309,10 +309,18 @@ class Engine:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
         if self.uses_chat(chat):
-            messages = [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt)["input_ids"]
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """A whole conversation (``[{"role", "content"}, ...]``) in the chat template, ready for the reply."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass token ids to generate_ids()")
+        if not messages:
+            raise ValueError("no messages given")
+        self.uses_chat(True)
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode_text(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:

@@ -1,0 +1,197 @@
+"""The OpenAI-compatible server over real HTTP, on the default model, started on a free loopback port."""
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coreinfer import SamplingConfig, SparsityConfig
+from coreinfer.server import ServerSettings, create_app, serve_in_thread
+
+pytestmark = pytest.mark.real_model
+QUESTION = "What is the capital of France?"
+SETTINGS = ServerSettings(keep=0.4, max_tokens=6, max_tokens_limit=64, max_prompt_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def server(real_engine):
+    with serve_in_thread(create_app(real_engine, SETTINGS)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, timeout=120) as http:
+        yield http
+
+
+def chat_body(content=QUESTION, **extra) -> dict:
+    return {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def sse_events(lines) -> list:
+    """The payloads of an SSE stream: JSON objects, then the closing "[DONE]"."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def streamed_text(events) -> str:
+    chunks = [e for e in events if isinstance(e, dict) and e.get("choices")]
+    return "".join(c["choices"][0].get("delta", {}).get("content") or c["choices"][0].get("text", "") for c in chunks)
+
+
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["SmolLM2-135M-Instruct"]
+
+
+def test_completion_matches_the_engine(client, real_engine):
+    prompt = "The capital of France is"
+    response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "keep": 0.5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = real_engine.generate(prompt, SparsityConfig(keep=0.5), SamplingConfig(max_new_tokens=5), chat=False)
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == expected.text
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": 5,
+                             "total_tokens": expected.prompt_tokens + 5}
+    assert body["coreinfer"]["keep"] == 0.5 and body["coreinfer"]["ffn_density"] == pytest.approx(expected.ffn_density, abs=1e-5)
+    assert body["coreinfer"]["decode_tok_s"] > 0
+
+
+def test_chat_applies_the_template_to_the_whole_conversation(client, real_engine):
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": QUESTION},
+    ]
+    response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "dense": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ids = real_engine.encode_chat(messages)
+    expected = real_engine.generate_ids([ids], None, SamplingConfig(max_new_tokens=4))[0]
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["coreinfer"]["dense"] is True and body["coreinfer"]["ffn_density"] == 1.0
+
+
+def test_chat_defaults_come_from_the_server(client, real_engine):
+    body = client.post("/v1/chat/completions", json=chat_body()).json()
+    expected = real_engine.generate(QUESTION, SparsityConfig(keep=0.4), SamplingConfig(max_new_tokens=6))
+    assert body["choices"][0]["message"]["content"] == expected.text
+    assert body["usage"]["completion_tokens"] == expected.new_tokens
+    assert body["coreinfer"]["keep"] == 0.4 and body["coreinfer"]["rule"] == "coreinfer"
+
+
+def test_streaming_chat_sends_openai_chunks_then_done(client):
+    full = client.post("/v1/chat/completions", json=chat_body(max_tokens=5)).json()
+    body = chat_body(max_tokens=5, stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]) >= 2
+    assert streamed_text(chunks) == full["choices"][0]["message"]["content"]
+    finish = chunks[-2]
+    assert finish["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert finish["coreinfer"]["ffn_density"] == full["coreinfer"]["ffn_density"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+
+
+def test_streaming_completion(client):
+    body = {"prompt": "The capital of France is", "max_tokens": 4}
+    full = client.post("/v1/completions", json=body).json()
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        events = sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
+    assert streamed_text(events[:-1]) == full["choices"][0]["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    bodies = [
+        ("/v1/chat/completions", chat_body(max_tokens=5, keep=0.3)),
+        ("/v1/chat/completions", chat_body("Name a primary colour.", max_tokens=5, dense=True)),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 5, "keep": 0.7, "rule": "magnitude"}),
+        ("/v1/chat/completions", chat_body("Name a primary colour.", max_tokens=5, keep=0.5)),
+    ]
+
+    def answer(item):
+        path, body = item
+        choice = client.post(path, json=body).json()["choices"][0]
+        return choice.get("text", choice.get("message", {}).get("content"))
+
+    sequential = [answer(item) for item in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        concurrent = list(pool.map(answer, bodies))
+    assert concurrent == sequential and all(sequential)
+
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}', 400, "not valid JSON"),
+    ("/v1/chat/completions", chat_body(keep=1.5), 400, "keep"),
+    ("/v1/chat/completions", chat_body(keep=0), 400, "keep"),
+    ("/v1/chat/completions", chat_body(alpha=-0.1), 400, "alpha"),
+    ("/v1/chat/completions", chat_body(temperature=-1), 400, "temperature"),
+    ("/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
+    ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
+    ("/v1/chat/completions", chat_body(max_tokens=65), 400, "at most 64"),
+    ("/v1/chat/completions", chat_body(rule="bogus"), 400, "unknown selection rule"),
+    ("/v1/chat/completions", chat_body(method="similarity"), 400, "not supported yet"),
+    ("/v1/chat/completions", chat_body(model="gpt-4"), 404, "does not exist"),
+    ("/v1/chat/completions", chat_body(n=2), 400, "n"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", chat_body("word " * 300), 400, "at most"),
+    ("/v1/completions", {"prompt": "   "}, 400, "empty"),
+    ("/v1/completions", {"prompt": ["one", "two"]}, 400, "exactly one prompt"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+]
+
+
+def post(client, path, body):
+    if isinstance(body, bytes):
+        return client.post(path, content=body, headers={"Content-Type": "application/json"})
+    return client.post(path, json=body)
+
+
+def test_bad_requests_are_rejected_while_another_streams(client, server):
+    body = chat_body(max_tokens=8, keep=0.5)
+    reference = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with httpx.Client(base_url=server, timeout=120) as other:
+        with other.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))  # the request is in flight
+            for path, bad, status, message in BAD_REQUESTS:
+                response = post(client, path, bad)
+                assert response.status_code == status, (bad, response.text)
+                error = response.json()["error"]
+                assert message in error["message"] or message == error["param"], (bad, error)
+                assert error["type"] == "invalid_request_error"
+            events = sse_events([first, *lines])
+    assert events[-1] == "[DONE]" and streamed_text(events[:-1]) == reference
+
+
+def test_readme_openai_example_runs_as_written(server, capsys):
+    """The README's client example, pointed at this test's port instead of 8000."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Server", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "http://127.0.0.1:8000/v1" in code
+    exec(compile(code.replace("http://127.0.0.1:8000", server), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert "Paris" in out[0]
+    assert re.fullmatch(r"\d+ tokens; ffn_density 0\.\d+", out[1])
+    assert out[2].strip()
