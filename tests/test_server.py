@@ -195,3 +195,54 @@ def test_readme_openai_example_runs_as_written(server, capsys):
     assert "Paris" in out[0]
     assert re.fullmatch(r"\d+ tokens; ffn_density 0\.\d+", out[1])
     assert out[2].strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--keep", "1.5"], "keep must lie in"),
+        (["serve", "--rule", "bogus"], "unknown selection rule"),
+        (["serve", "--max-tokens", "100", "--max-tokens-limit", "50"], "max_tokens must lie in"),
+    ],
+)
+def test_serve_rejects_bad_defaults_before_loading(args, message):
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_a_stream_left_early_stops_its_generation():
+    """The client going away cancels the generation at its next token, freeing the engine."""
+    import asyncio
+    import threading
+    import time
+
+    from coreinfer import GenerationResult, TokenEvent
+    from coreinfer.server import GenerationCancelled, _Job, stream_events
+
+    calls, stopped = [], threading.Event()
+
+    class EndlessEngine:
+        def generate_ids(self, prompts, sparsity, sampling, on_token):
+            try:
+                for step in range(10_000):
+                    calls.append(step)
+                    on_token(TokenEvent(0, step, "x", False))
+                    time.sleep(0.001)
+                return [GenerationResult("", [], 1, 0, "length")]
+            except GenerationCancelled:
+                stopped.set()
+                raise
+
+    job = _Job(True, [1], None, SamplingConfig(), "m", True, False, "chatcmpl-test", 0)
+
+    async def read_two_tokens():
+        events = stream_events(EndlessEngine(), job)
+        assert (await anext(events)).text == "x" and (await anext(events)).text == "x"
+        await events.aclose()
+
+    asyncio.run(read_two_tokens())
+    assert stopped.wait(10) and len(calls) < 10_000
