@@ -123,7 +123,8 @@ class ChatRequest(_Request):
 def sparsity_for(request: _Request, settings: ServerSettings) -> Optional[SparsityConfig]:
     """The request's sparsity, or ``None`` for a dense request."""
     if request.method not in SUPPORTED_METHODS:
-        raise APIError(400, f"method {request.method!r} is not supported yet; use one of {list(SUPPORTED_METHODS)}", "method")
+        message = f"method {request.method!r} is not supported yet; use one of {list(SUPPORTED_METHODS)}"
+        raise APIError(400, message, "method")
     if request.dense:
         return None
     try:
@@ -139,7 +140,8 @@ def sparsity_for(request: _Request, settings: ServerSettings) -> Optional[Sparsi
 def sampling_for(request: _Request, settings: ServerSettings) -> SamplingConfig:
     max_tokens = request.max_completion_tokens or request.max_tokens or settings.max_tokens
     if max_tokens > settings.max_tokens_limit:
-        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}", "max_tokens")
+        message = f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}"
+        raise APIError(400, message, "max_tokens")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > 4:
         raise APIError(400, "at most 4 stop sequences are allowed", "stop")
@@ -148,10 +150,13 @@ def sampling_for(request: _Request, settings: ServerSettings) -> SamplingConfig:
 
 def check_model(engine: Engine, name: Optional[str]) -> None:
     if name is not None and name != engine.name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {engine.name!r}", "model", "model_not_found")
+        message = f"the model {name!r} does not exist; this server serves {engine.name!r}"
+        raise APIError(404, message, "model", "model_not_found")
 
 
-def check_prompt_length(ids: list[int], sampling: SamplingConfig, settings: ServerSettings, engine: Engine, param: str) -> None:
+def check_prompt_length(
+    ids: list[int], sampling: SamplingConfig, settings: ServerSettings, engine: Engine, param: str
+) -> None:
     limit = settings.max_prompt_tokens
     context = getattr(engine.model.config, "max_position_embeddings", None)
     if context:
