@@ -20,7 +20,7 @@ import inspect
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
@@ -29,6 +29,12 @@ from .adapters import wrap_model
 from .loading import load_model_and_tokenizer, model_identity, resolve_model_path
 from .selection import check_fraction, default_sparse_layers, get_rule
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
+
+
+# Rules that need more than one prompt's activations (a per-model calibration):
+# the engine builds their selector. For them ``keep`` is the FFN density to aim
+# for, averaged over all layers, and they choose which layers are sparse.
+SELECTOR_RULES = ("adaptive",)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,8 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         check_fraction("keep", self.keep)
         check_fraction("alpha", self.alpha)
-        get_rule(self.rule)
+        if self.rule not in SELECTOR_RULES:
+            get_rule(self.rule)
 
     def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.layers is None:
@@ -264,7 +271,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         self.ffns = wrap_model(model)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: calibration runs inside a request
+        self._calibration = None
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
@@ -364,7 +372,51 @@ class Engine:
             if selector is not None:
                 raise ValueError("a selector needs a SparsityConfig (it names the sparse layers)")
             return None
+        if sparsity.rule == "adaptive" and selector is None:
+            selector = self.adaptive_selector(sparsity.keep)
+            sparsity = replace(sparsity, layers=selector.sparse_layers())
         return SparseSession(sparsity, self.ffns, mask, selector)
+
+    def adaptive_selector(self, density: float, prior_weight: Optional[float] = None):
+        """The calibrated adaptive selector for an FFN density target (calibrating on first use)."""
+        from .adaptive import DEFAULT_PRIOR_WEIGHT, AdaptiveSelector, allocate_budgets
+
+        calibration = self.calibration()
+        keeps = allocate_budgets(calibration.levels, calibration.sensitivity, density)
+        weight = DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight
+        return AdaptiveSelector(tuple(keeps), calibration.prior, weight)
+
+    def calibration(self, prompts=None, continuations=None, progress: bool = True):
+        """This model's adaptive calibration: loaded from the cache, else measured once and stored.
+
+        ``prompts``/``continuations`` (token ids) replace the built-in calibration text.
+        """
+        if self._calibration is None:
+            from .adaptive import Calibration, calibrate, model_fingerprint
+            from .loading import cache_root
+
+            fingerprint = model_fingerprint(self)
+            directory = cache_root() / "calibration" / fingerprint
+            try:
+                self._calibration = Calibration.load(directory, expect_model=fingerprint)
+            except (OSError, ValueError, KeyError):
+                self._calibration = calibrate(self, prompts, continuations, progress=progress)
+                self._calibration.save(directory)
+        return self._calibration
+
+    @torch.inference_mode()
+    def core_neurons(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sparsity: SparsityConfig,
+        selector: Optional[Selector] = None,
+    ) -> SparseSession:
+        """Prefill only: each prompt's selected neurons per sparse layer, in ``session.neurons``."""
+        with self.lock:
+            ids, mask = self._left_pad(prompts)
+            session = self.new_session(sparsity, mask, selector)
+            self.prefill(ids, mask, session)
+            return session
 
     def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1):
         """Dense forward over the prompt; a session records and selects its core neurons."""
