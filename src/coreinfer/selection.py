@@ -110,11 +110,48 @@ def select_magnitude(acts: torch.Tensor, keep: float, alpha: float) -> torch.Ten
     return sentence_core(token_core_mask_magnitude(acts, alpha), acts, keep)
 
 
+def top_neurons(scores: torch.Tensor, keep: float) -> torch.Tensor:
+    """The round(keep * N) highest-scoring neurons of ``scores`` ``[N]`` (ties: lower index), sorted."""
+    k = num_kept(scores.shape[-1], keep)
+    return torch.sort(_descending_order(scores.double())[:k]).values
+
+
+def griffin_scores(acts: torch.Tensor) -> torch.Tensor:
+    """GRIFFIN's prompt statistic: each token's activation vector L2-normalised, squares summed over tokens.
+
+    Normalising per token stops a few high-norm tokens (often the first) from
+    deciding the whole set. Returns ``[N]``.
+    """
+    unit = torch.nn.functional.normalize(acts.double(), dim=-1)
+    return unit.square().sum(0)
+
+
+def select_griffin(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """GRIFFIN-style (Dong et al. 2024): top-k of ``griffin_scores``; alpha is unused."""
+    return top_neurons(griffin_scores(acts), keep)
+
+
+RANDOM_SEED = 0
+
+
+def select_random(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """The floor: a seeded random set of round(keep * N) neurons, the same for every prompt."""
+    n = acts.shape[-1]
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    chosen = torch.randperm(n, generator=generator)[: num_kept(n, keep)]
+    return torch.sort(chosen).values.to(acts.device)
+
+
 RULES: dict[str, Rule] = {
     "coreinfer": select_coreinfer,
     "official": select_official,
     "magnitude": select_magnitude,
+    "griffin": select_griffin,
+    "random": select_random,
 }
+
+# Rules whose choice depends on alpha; the others ignore it.
+ALPHA_RULES = ("coreinfer", "official", "magnitude")
 
 
 def get_rule(name: str) -> Rule:
