@@ -108,3 +108,15 @@ def test_repeated_ngram_rate():
     assert repeated_ngram_rate([1, 2, 3, 4, 5, 6]) == 0.0
     assert repeated_ngram_rate([1, 2, 3, 4] * 3) == pytest.approx(5 / 9)  # 9 four-grams, the first 4 new
     assert repeated_ngram_rate([1, 2]) == 0.0
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_ranked_selector_equals_rule(rule):
+    from coreinfer.quality import RankedSelector
+
+    acts = torch.randn(13, 96, generator=torch.Generator().manual_seed(5))
+    cache: dict = {}
+    for keep in (0.8, 0.2, 0.5):  # the cached ranking serves every keep
+        for alpha in (0.1, 0.3):
+            got = RankedSelector(rule, keep, alpha, cache)(2, acts)
+            assert torch.equal(got, RULES[rule](acts, keep, alpha))

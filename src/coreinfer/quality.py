@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .engine import Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection
-from .selection import ALPHA_RULES, RULES, griffin_scores, top_neurons
+from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, top_neurons
 
 DENSE = "dense"
 STATIC = "static"
@@ -128,6 +128,26 @@ class StaticSelector:
         return top_neurons(self.scores[layer], self.keep).to(acts.device)
 
 
+@dataclass(frozen=True)
+class RankedSelector:
+    """A rule's choice from a ranking cached per (rule, alpha, layer), so a keep sweep ranks once.
+
+    Gives exactly ``RULES[rule](acts, keep, alpha)`` as long as ``cache`` only
+    ever sees one prompt's activations.
+    """
+
+    rule: str
+    keep: float
+    alpha: float
+    cache: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        key = (self.rule, self.alpha, layer)
+        if key not in self.cache:
+            self.cache[key] = RANKINGS[self.rule](acts, self.alpha)
+        return take_top(self.cache[key], self.keep)
+
+
 class _ActivationRecorder:
     """A selector that keeps every neuron and remembers the prompt's activations, per layer."""
 
@@ -151,6 +171,7 @@ class Prefilled:
     first_logits: torch.Tensor  # [1, 1, V]: predicts the first continuation token
     cache: object
     acts: dict[int, torch.Tensor]  # layer -> [T, N]
+    rankings: dict = field(default_factory=dict)  # RankedSelector's cache for this prompt
 
 
 @torch.inference_mode()
@@ -296,7 +317,11 @@ def evaluate(
             if config.rule == DENSE:
                 logits, density = dense_logits, 1.0
             else:
-                selector = StaticSelector(static_scores, config.keep) if config.rule == STATIC else None
+                selector = (
+                    StaticSelector(static_scores, config.keep)
+                    if config.rule == STATIC
+                    else RankedSelector(config.rule, config.keep, config.alpha or 0.2, pre.rankings)
+                )
                 logits, density = score(engine, pre, config.sparsity(layers), selector)
             stats[config].add(dense_logits, logits, targets, density)
             bar.update()
