@@ -160,6 +160,28 @@ def quality(
         q.pareto_plot(rows, plot)
 
 
+# lm-evaluation-harness (issue 3)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval(ctx: typer.Context) -> None:
+    """Run lm-eval with the `coreinfer` model registered and the offline tasks (piqa_local) included.
+
+    Every argument goes to lm-eval's CLI, e.g.
+    `coreinfer eval --model coreinfer --model_args keep=0.4 --tasks piqa_local --limit 50`.
+    """
+    from importlib.resources import files
+
+    from . import lm_eval_model  # noqa: F401  (registers the `coreinfer` model)
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(ctx.args)
+    if "--include_path" not in args:
+        args += ["--include_path", str(files("coreinfer") / "tasks")]
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
