@@ -48,6 +48,9 @@ class CoreInferLM(TemplateLM):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes device="cuda" unless told otherwise; its hf model falls back the same way.
+            device = "cpu"
         self.engine = engine if engine is not None else load(pretrained, device=device, dtype=DTYPES[dtype])
         self.tokenizer = self.engine.tokenizer
         self.sparsity = None if dense else SparsityConfig(keep=float(keep), alpha=float(alpha), rule=str(rule))
