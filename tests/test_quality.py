@@ -120,3 +120,52 @@ def test_ranked_selector_equals_rule(rule):
         for alpha in (0.1, 0.3):
             got = RankedSelector(rule, keep, alpha, cache)(2, acts)
             assert torch.equal(got, RULES[rule](acts, keep, alpha))
+
+
+def test_data_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from coreinfer.quality import data_dir
+
+    monkeypatch.setenv("COREINFER_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="COREINFER_DATA"):
+        data_dir()
+
+
+def test_sweep_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="unknown rule"):
+        sweep(["bogus"], [0.5], [0.2])
+    configs = sweep(["coreinfer", "griffin"], [0.4, 0.6], [0.1, 0.2])
+    assert configs[0].rule == "dense" and len(configs) == 1 + 4 + 2  # alpha only sweeps where it applies
+    assert {c.rule for c in sweep(["all"], [0.5], [0.2])} == set(ALL_RULES)
+
+
+@pytest.mark.real_model
+def test_quality_cli_on_user_jsonl(real_engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Name a colour.", "continuation": "Blue is a colour."},
+                {"prompt": "Count to three.", "continuation": "One, two, three."},
+                {"prompt": "Say hello.", "continuation": "Hello there!"},
+            ]
+        )
+    )
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    args = ["quality", "--data", str(data), "--data-items", "2", "--calibration", "1", "--keep", "0.5", "--keep", "1.0",
+            "--rule", "static", "--rule", "griffin", "--json", str(out), "--plot", str(png)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rule"], r["keep"]) for r in rows] == [("dense", 1.0), ("static", 0.5), ("static", 1.0), ("griffin", 0.5), ("griffin", 1.0)]
+    for r in rows:
+        assert {"set", "rule", "keep", "alpha", "ffn_density", "ppl", "dense_ppl", "agreement", "kl"} <= set(r)
+        assert r["set"] == "pairs" and r["items"] == 2
+        if r["keep"] == 1.0:
+            assert r["agreement"] == 1.0 and r["ppl"] == pytest.approx(r["dense_ppl"], rel=1e-5)
+    assert 0 < rows[1]["ffn_density"] < 1
+    assert png.stat().st_size > 1000 and "| pairs | griffin | 0.5 |" in result.stdout

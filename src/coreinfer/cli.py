@@ -94,7 +94,7 @@ def generate(
 @app.command()
 def quality(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static. Default: coreinfer."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, or all. Default: coreinfer."),
     keep: list[float] = typer.Option([0.2, 0.4, 0.6, 0.8], help="Keep fraction (repeatable)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
     sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),

@@ -271,6 +271,9 @@ class Config:
 def sweep(rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float]) -> list[Config]:
     """Dense first, then every rule at every keep (and every alpha for the rules that use one)."""
     configs = [Config(DENSE)]
+    rules = list(rules)
+    if "all" in rules:
+        rules = list(ALL_RULES)
     for rule in rules:
         if rule not in ALL_RULES:
             raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(ALL_RULES)}")
