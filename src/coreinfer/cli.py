@@ -117,6 +117,100 @@ def serve(
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
 
 
+# Quality harness (issue 3)
+
+
+@app.command()
+def quality(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, or all. Default: coreinfer."),
+    keep: list[float] = typer.Option([0.2, 0.4, 0.6, 0.8], help="Keep fraction (repeatable)."),
+    alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
+    sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),
+    data: Optional[str] = typer.Option(None, help="JSONL with 'prompt' and 'continuation' fields, instead of the built-in sets."),
+    gsm8k_items: int = typer.Option(40, min=1, help="GSM8K questions evaluated."),
+    answer_tokens: int = typer.Option(96, min=1, help="GSM8K answer tokens scored."),
+    wikitext_items: int = typer.Option(24, min=1, help="WikiText-2 windows evaluated (256 tokens -> next 128)."),
+    data_items: Optional[int] = typer.Option(None, min=1, help="Items of --data evaluated (default: all; later ones calibrate 'static')."),
+    calibration: int = typer.Option(8, min=1, help="Items per set that calibrate the static rule (never evaluated)."),
+    generation: int = typer.Option(0, min=0, help="Greedy-generation prompts (GSM8K questions) for ROUGE-L and repeated 4-grams; 0 skips."),
+    gen_tokens: int = typer.Option(64, min=1, help="New tokens per generation."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Template --data prompts as chat (default: if the model has one)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda if available)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    markdown: Optional[str] = typer.Option(None, help="Also write the Markdown tables to this file."),
+    plot: Optional[str] = typer.Option(None, help="Write the Pareto plot (PNG) here."),
+) -> None:
+    """Teacher-forced quality of sparse decoding against dense: perplexity, agreement, KL, FFN density."""
+    import torch
+
+    from . import quality as q
+    from .engine import load
+    from .loading import ModelNotFound
+
+    torch.manual_seed(0)
+    try:
+        configs = q.sweep(rule or ["coreinfer"], keep, alpha)
+        engine = load(model, device=device)
+        if data is not None:
+            evalsets = [q.jsonl_set(engine, data, data_items, chat, calibration)]
+        else:
+            builders = {
+                "gsm8k": lambda: q.gsm8k_set(engine, gsm8k_items, answer_tokens, calibration),
+                "wikitext2": lambda: q.wikitext_set(engine, wikitext_items, calibration=calibration),
+            }
+            unknown = [s for s in sets if s not in builders]
+            if unknown:
+                _fail(f"unknown set(s) {unknown}; choose from {sorted(builders)} or give --data")
+            evalsets = [builders[s]() for s in sets]
+    except (ValueError, TypeError, FileNotFoundError, ModelNotFound) as err:
+        _fail(str(err))
+    rows = []
+    for evalset in evalsets:
+        rows += q.evaluate(engine, evalset, configs)
+    report = {"model": engine.name, "rows": rows}
+    text = q.markdown_table(rows)
+    if generation:
+        gen_set = q.gsm8k_set(engine, generation, 1, calibration)
+        gen_rows = q.generation_quality(
+            engine, [i.prompt for i in gen_set.items], configs, gen_tokens, gen_set.calibration
+        )
+        report["generation"] = gen_rows
+        text += "\n\nGreedy generation, " + f"{generation} GSM8K questions, {gen_tokens} new tokens:\n\n"
+        text += q.generation_table(gen_rows)
+    typer.echo(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text + "\n")
+    if plot:
+        q.pareto_plot(rows, plot)
+
+
+# lm-evaluation-harness (issue 3)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval(ctx: typer.Context) -> None:
+    """Run lm-eval with the `coreinfer` model registered and the offline tasks (piqa_local) included.
+
+    Every argument goes to lm-eval's CLI, e.g.
+    `coreinfer eval --model coreinfer --model_args keep=0.4 --tasks piqa_local --limit 50`.
+    """
+    from importlib.resources import files
+
+    from . import lm_eval_model  # noqa: F401  (registers the `coreinfer` model)
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(ctx.args)
+    if "--include_path" not in args:
+        args += ["--include_path", str(files("coreinfer") / "tasks")]
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -82,39 +82,114 @@ def token_core_mask_magnitude(acts: torch.Tensor, alpha: float) -> torch.Tensor:
     return _top_per_row(acts.abs().float(), torch.full(acts.shape[:-1], k, device=acts.device))
 
 
+def sentence_ranking(token_mask: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Every neuron, best first by Eq. 2: core for the most tokens, then summed |activation|, then index."""
+    counts = token_mask.sum(0).double()
+    mass = acts.abs().double().sum(0)
+    return _descending_order(counts, mass)
+
+
+def take_top(ranking: torch.Tensor, keep: float) -> torch.Tensor:
+    """The first round(keep * N) neurons of a ranking ``[N]``, as sorted indices."""
+    return torch.sort(ranking[: num_kept(ranking.shape[-1], keep)]).values
+
+
 def sentence_core(token_mask: torch.Tensor, acts: torch.Tensor, keep: float) -> torch.Tensor:
     """Sentence-wise core neurons, Eq. 2: those token-wise core for the most tokens.
 
     Keeps round(keep * N) neurons. Ties in the count go to the larger summed
     |activation|, then to the lower index. Returns sorted neuron indices ``[K]``.
     """
-    k = num_kept(acts.shape[-1], keep)
-    counts = token_mask.sum(0).double()
-    mass = acts.abs().double().sum(0)
-    chosen = _descending_order(counts, mass)[:k]
-    return torch.sort(chosen).values
+    return take_top(sentence_ranking(token_mask, acts), keep)
+
+
+# Rankings: every neuron of a layer, best first, from the prompt's activations and alpha.
+# A rule keeps a ranking's first round(keep * N); callers sweeping keep rank once.
+
+
+def rank_coreinfer(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    return sentence_ranking(token_core_mask(acts, alpha), acts)
+
+
+def rank_official(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    return sentence_ranking(token_core_mask_official(acts, alpha), acts)
+
+
+def rank_magnitude(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    return sentence_ranking(token_core_mask_magnitude(acts, alpha), acts)
 
 
 def select_coreinfer(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
     """CoreInfer per the paper, Eq. 1-2."""
-    return sentence_core(token_core_mask(acts, alpha), acts, keep)
+    return take_top(rank_coreinfer(acts, alpha), keep)
 
 
 def select_official(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
     """CoreInfer as the official code computes it (averaged k per token)."""
-    return sentence_core(token_core_mask_official(acts, alpha), acts, keep)
+    return take_top(rank_official(acts, alpha), keep)
 
 
 def select_magnitude(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
     """Eq. 2 over token-wise sets ranked by |activation|."""
-    return sentence_core(token_core_mask_magnitude(acts, alpha), acts, keep)
+    return take_top(rank_magnitude(acts, alpha), keep)
+
+
+def top_neurons(scores: torch.Tensor, keep: float) -> torch.Tensor:
+    """The round(keep * N) highest-scoring neurons of ``scores`` ``[N]`` (ties: lower index), sorted."""
+    return take_top(_descending_order(scores.double()), keep)
+
+
+def griffin_scores(acts: torch.Tensor) -> torch.Tensor:
+    """GRIFFIN's prompt statistic: each token's activation vector L2-normalised, squares summed over tokens.
+
+    Normalising per token stops a few high-norm tokens (often the first) from
+    deciding the whole set. Returns ``[N]``.
+    """
+    unit = torch.nn.functional.normalize(acts.double(), dim=-1)
+    return unit.square().sum(0)
+
+
+def rank_griffin(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _descending_order(griffin_scores(acts))
+
+
+def select_griffin(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """GRIFFIN-style (Dong et al. 2024): top-k of ``griffin_scores``; alpha is unused."""
+    return take_top(rank_griffin(acts, alpha), keep)
+
+
+RANDOM_SEED = 0
+
+
+def rank_random(acts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A seeded permutation, the same for every prompt and layer width."""
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    return torch.randperm(acts.shape[-1], generator=generator).to(acts.device)
+
+
+def select_random(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    """The floor: a seeded random set of round(keep * N) neurons, the same for every prompt."""
+    return take_top(rank_random(acts, alpha), keep)
 
 
 RULES: dict[str, Rule] = {
     "coreinfer": select_coreinfer,
     "official": select_official,
     "magnitude": select_magnitude,
+    "griffin": select_griffin,
+    "random": select_random,
 }
+
+RANKINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "coreinfer": rank_coreinfer,
+    "official": rank_official,
+    "magnitude": rank_magnitude,
+    "griffin": rank_griffin,
+    "random": rank_random,
+}
+
+# Rules whose choice depends on alpha; the others ignore it.
+ALPHA_RULES = ("coreinfer", "official", "magnitude")
 
 
 def get_rule(name: str) -> Rule:

@@ -1,0 +1,454 @@
+"""What sparsity costs: teacher-forced metrics and greedy-generation quality against dense.
+
+Each evaluation item is a (prompt -> continuation) pair of token ids. The prompt
+is prefilled densely and selects the core sets; the continuation is scored by the
+sparse model in one forward pass, exactly as ``Engine.continuation_logits`` does.
+To compare many configurations on the same items, each item's dense prefill (its
+KV cache and every layer's activations) is computed once and reused: a config
+only selects, compacts, and scores the continuation on a copy of the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .engine import Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection
+from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, top_neurons
+
+DENSE = "dense"
+STATIC = "static"
+ALL_RULES = (DENSE, *RULES, STATIC)
+
+
+# Data
+
+
+def data_dir() -> Path:
+    """Where the built-in sets live: ``$COREINFER_DATA``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("COREINFER_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"evaluation data not found at {path}; set COREINFER_DATA to the shared data folder "
+            "(the one holding gsm8k/ and wikitext-2/)"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class EvalSet:
+    """Items to evaluate and disjoint items to calibrate a static selector on."""
+
+    name: str
+    items: list[Item]
+    calibration: list[Item] = field(default_factory=list)
+
+
+def _continuation_ids(engine: Engine, text: str, max_tokens: Optional[int]) -> tuple[int, ...]:
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tuple(ids[:max_tokens] if max_tokens else ids)
+
+
+def gsm8k_set(engine: Engine, n: int, answer_tokens: int = 96, calibration: int = 8) -> EvalSet:
+    """GSM8K test: the question (chat template applied, as ``Engine.encode`` does) -> its worked answer."""
+    path = data_dir() / "gsm8k" / "test.jsonl"
+    with open(path) as f:
+        rows = [json.loads(line) for _, line in zip(range(n + calibration), f)]
+    items = [Item(tuple(engine.encode(r["question"])), _continuation_ids(engine, r["answer"], answer_tokens)) for r in rows]
+    return EvalSet("gsm8k", items[:n], items[n:])
+
+
+def wikitext_set(engine: Engine, n: int, window: int = 256, continuation: int = 128, calibration: int = 8) -> EvalSet:
+    """WikiText-2 test: a ``window``-token span -> the next ``continuation`` tokens.
+
+    Blocks are spread evenly over the whole text; calibration blocks sit between
+    evaluated ones, so the two never overlap.
+    """
+    text = (data_dir() / "wikitext-2" / "test.txt").read_text()
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    size = window + continuation
+    blocks = len(ids) // size
+    stride = blocks // max(n, calibration)
+    if stride < 2:
+        raise ValueError(f"WikiText-2 has only {blocks} blocks of {size} tokens; ask for fewer windows")
+
+    def block(b: int) -> Item:
+        start = b * size
+        return Item(tuple(ids[start : start + window]), tuple(ids[start + window : start + size]))
+
+    return EvalSet(
+        "wikitext2",
+        [block(i * stride) for i in range(n)],
+        [block(i * stride + 1) for i in range(calibration)],
+    )
+
+
+def jsonl_set(engine: Engine, path: str, n: Optional[int], chat: Optional[bool] = None, calibration: int = 8) -> EvalSet:
+    """A user's JSONL with ``prompt`` and ``continuation`` fields; the items after the first n calibrate."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("continuation"), str):
+            raise ValueError(f"{path}:{number}: each line needs string fields 'prompt' and 'continuation'")
+    n = len(rows) if n is None else min(n, len(rows))
+    items = [Item(tuple(engine.encode(r["prompt"], chat)), _continuation_ids(engine, r["continuation"], None)) for r in rows]
+    if any(not item.continuation for item in items):
+        raise ValueError(f"{path}: a continuation is empty")
+    return EvalSet(Path(path).stem, items[:n], items[n : n + calibration])
+
+
+# Selectors beyond the pure rules
+
+
+@dataclass(frozen=True)
+class StaticSelector:
+    """One core set per layer, the same for every prompt: the top ``keep`` by calibration score.
+
+    This is what a 'hot neurons' design gives: the neurons busiest over a
+    calibration set, chosen once, offline.
+    """
+
+    scores: dict[int, torch.Tensor]  # layer -> [N]
+    keep: float
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return top_neurons(self.scores[layer], self.keep).to(acts.device)
+
+
+@dataclass(frozen=True)
+class RankedSelector:
+    """A rule's choice from a ranking cached per (rule, alpha, layer), so a keep sweep ranks once.
+
+    Gives exactly ``RULES[rule](acts, keep, alpha)`` as long as ``cache`` only
+    ever sees one prompt's activations.
+    """
+
+    rule: str
+    keep: float
+    alpha: float
+    cache: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        key = (self.rule, self.alpha, layer)
+        if key not in self.cache:
+            self.cache[key] = RANKINGS[self.rule](acts, self.alpha)
+        return take_top(self.cache[key], self.keep)
+
+
+class _ActivationRecorder:
+    """A selector that keeps every neuron and remembers the prompt's activations, per layer."""
+
+    def __init__(self) -> None:
+        self.acts: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        self.acts[layer] = acts.clone()
+        return torch.arange(acts.shape[-1], device=acts.device)
+
+
+# Prefill once, score many configurations
+
+
+@dataclass
+class Prefilled:
+    """One item after its dense prefill: what every configuration reuses."""
+
+    item: Item
+    mask: torch.Tensor  # [1, T]
+    first_logits: torch.Tensor  # [1, 1, V]: predicts the first continuation token
+    cache: object
+    acts: dict[int, torch.Tensor]  # layer -> [T, N]
+    rankings: dict = field(default_factory=dict)  # RankedSelector's cache for this prompt
+
+
+@torch.inference_mode()
+def prefill(engine: Engine, item: Item) -> Prefilled:
+    ids, mask = engine._left_pad([item.prompt])
+    recorder = _ActivationRecorder()
+    every_layer = SparsityConfig(keep=1.0, layers=tuple(range(engine.num_layers)))
+    session = SparseSession(every_layer, engine.ffns, mask, recorder)
+    first, cache = engine.prefill(ids, mask, session)
+    return Prefilled(item, mask, first[:, -1:, :], cache, recorder.acts)
+
+
+@torch.inference_mode()
+def score(
+    engine: Engine, pre: Prefilled, sparsity: Optional[SparsityConfig], selector: Optional[Selector] = None
+) -> tuple[torch.Tensor, float]:
+    """Teacher-forced logits ``[C, V]`` for the continuation, and the FFN density computed.
+
+    Equals ``engine.continuation_logits([prompt], [continuation], sparsity, selector=selector)``
+    for one item; the prompt's prefill is not repeated.
+    """
+    session = None
+    if sparsity is not None:
+        session = SparseSession(sparsity, engine.ffns, pre.mask, selector)
+        neurons = {layer: session.selector(layer, pre.acts[layer]).unsqueeze(0) for layer in session.layers}
+        session.neurons = finalize_selection(session.selector, neurons)
+    device = engine.device
+    cont = torch.tensor([pre.item.continuation], device=device)
+    full_mask = torch.cat([pre.mask, torch.ones_like(cont)], dim=1)
+    positions = pre.mask.sum(-1, keepdim=True) + torch.arange(cont.shape[1], device=device)
+    # The forward appends to the cache; a copy keeps the prompt's cache for the next config.
+    cache = copy.deepcopy(pre.cache)
+    if session is None:
+        logits, _ = engine._forward(cont, full_mask, positions, cache, logits_to_keep=0)
+    else:
+        # The masked dense FFN gives the compact path's numbers (tested) without gathering
+        # weights per config, which costs more than the FFN work it saves on a short continuation.
+        with session.phase(session.masked):
+            logits, _ = engine._forward(cont, full_mask, positions, cache, logits_to_keep=0)
+    logits = torch.cat([pre.first_logits, logits[:, :-1, :]], dim=1)[0]
+    return logits, session.ffn_density() if session is not None else 1.0
+
+
+# Metrics
+
+
+@dataclass
+class TokenStats:
+    """Sums over scored tokens; ``summary`` turns them into perplexities and rates."""
+
+    tokens: int = 0
+    nll: float = 0.0
+    dense_nll: float = 0.0
+    agree: int = 0
+    kl: float = 0.0
+    density: float = 0.0  # summed per item
+    items: int = 0
+
+    def add(self, dense_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, density: float) -> None:
+        dense_logp = torch.log_softmax(dense_logits.double(), -1)
+        logp = torch.log_softmax(logits.double(), -1)
+        self.tokens += len(targets)
+        self.nll -= float(logp.gather(-1, targets[:, None]).sum())
+        self.dense_nll -= float(dense_logp.gather(-1, targets[:, None]).sum())
+        self.agree += int((logits.argmax(-1) == dense_logits.argmax(-1)).sum())
+        self.kl += float((dense_logp.exp() * (dense_logp - logp)).sum())
+        self.density += density
+        self.items += 1
+
+    def summary(self) -> dict:
+        return {
+            "ffn_density": self.density / self.items,
+            "ppl": math.exp(self.nll / self.tokens),
+            "dense_ppl": math.exp(self.dense_nll / self.tokens),
+            "agreement": self.agree / self.tokens,
+            "kl": max(0.0, self.kl / self.tokens),
+            "items": self.items,
+            "tokens": self.tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Config:
+    """One evaluated configuration; ``rule='dense'`` is the baseline, ``alpha=None`` where it does not apply."""
+
+    rule: str
+    keep: float = 1.0
+    alpha: Optional[float] = None
+
+    def sparsity(self, layers: Optional[tuple[int, ...]]) -> Optional[SparsityConfig]:
+        if self.rule == DENSE:
+            return None
+        rule = self.rule if self.rule in RULES else "coreinfer"  # static: the rule name is unused
+        return SparsityConfig(keep=self.keep, alpha=self.alpha or 0.2, rule=rule, layers=layers)
+
+
+def sweep(rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float]) -> list[Config]:
+    """Dense first, then every rule at every keep (and every alpha for the rules that use one)."""
+    configs = [Config(DENSE)]
+    rules = list(rules)
+    if "all" in rules:
+        rules = list(ALL_RULES)
+    for rule in rules:
+        if rule not in ALL_RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(ALL_RULES)}")
+        if rule == DENSE:
+            continue
+        for keep in keeps:
+            for alpha in alphas if rule in ALPHA_RULES else [None]:
+                configs.append(Config(rule, keep, alpha))
+    return configs
+
+
+@torch.inference_mode()
+def calibrate_static(engine: Engine, items: Sequence[Item]) -> dict[int, torch.Tensor]:
+    """Per layer, GRIFFIN's normalised activation energy summed over every calibration token."""
+    if not items:
+        raise ValueError("the static rule needs calibration items (none left beyond the evaluated ones)")
+    totals: dict[int, torch.Tensor] = {}
+    for item in items:
+        pre = prefill(engine, item)
+        for layer, acts in pre.acts.items():
+            totals[layer] = totals.get(layer, 0) + griffin_scores(acts)
+    return totals
+
+
+def evaluate(
+    engine: Engine,
+    evalset: EvalSet,
+    configs: Sequence[Config],
+    layers: Optional[tuple[int, ...]] = None,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per config: the set's teacher-forced metrics against dense."""
+    from tqdm.auto import tqdm
+
+    static_scores = None
+    if any(c.rule == STATIC for c in configs):
+        static_scores = calibrate_static(engine, evalset.calibration)
+    stats = {config: TokenStats() for config in configs}
+    bar = tqdm(total=len(evalset.items) * len(configs), desc=evalset.name, disable=not progress, unit="cfg")
+    for item in evalset.items:
+        pre = prefill(engine, item)
+        targets = torch.tensor(item.continuation, device=engine.device)
+        dense_logits, _ = score(engine, pre, None)
+        for config in configs:
+            if config.rule == DENSE:
+                logits, density = dense_logits, 1.0
+            else:
+                selector = (
+                    StaticSelector(static_scores, config.keep)
+                    if config.rule == STATIC
+                    else RankedSelector(config.rule, config.keep, config.alpha or 0.2, pre.rankings)
+                )
+                logits, density = score(engine, pre, config.sparsity(layers), selector)
+            stats[config].add(dense_logits, logits, targets, density)
+            bar.update()
+        del pre
+    bar.close()
+    return [{"set": evalset.name, **asdict(config), **stats[config].summary()} for config in configs]
+
+
+# Generation quality
+
+
+def repeated_ngram_rate(ids: Sequence[int], n: int = 4) -> float:
+    """Fraction of the n-grams that already occurred earlier in the same sequence (loops score high)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set = set()
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)["rougeL"].fmeasure
+
+
+def generation_quality(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    configs: Sequence[Config],
+    max_new_tokens: int = 64,
+    calibration: Sequence[Item] = (),
+    layers: Optional[tuple[int, ...]] = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Greedy generation per config: ROUGE-L of each output against dense, and its repeated-4-gram rate."""
+    from tqdm.auto import tqdm
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    static_scores = calibrate_static(engine, calibration) if any(c.rule == STATIC for c in configs) else None
+    dense = engine.generate_ids(prompts, None, sampling)
+    rows = []
+    for config in tqdm(configs, desc="generation", disable=not progress, unit="cfg"):
+        if config.rule == DENSE:
+            results = dense
+        else:
+            selector = StaticSelector(static_scores, config.keep) if config.rule == STATIC else None
+            results = engine.generate_ids(prompts, config.sparsity(layers), sampling, selector=selector)
+        rows.append(
+            {
+                **asdict(config),
+                "ffn_density": results[0].ffn_density,
+                "rouge_l": sum(rouge_l(d.text, r.text) for d, r in zip(dense, results)) / len(results),
+                "rep4": sum(repeated_ngram_rate(r.token_ids) for r in results) / len(results),
+                "prompts": len(prompts),
+            }
+        )
+    return rows
+
+
+# Reports
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    lines = [
+        "| set | rule | keep | α | FFN density | ppl | dense ppl | agreement | KL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
+        keep = "" if r["rule"] == DENSE else f"{r['keep']:g}"
+        lines.append(
+            f"| {r['set']} | {r['rule']} | {keep} | {alpha} | {r['ffn_density']:.3f} | {r['ppl']:.2f} | "
+            f"{r['dense_ppl']:.2f} | {r['agreement']:.3f} | {r['kl']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def generation_table(rows: Sequence[dict]) -> str:
+    lines = ["| rule | keep | α | FFN density | ROUGE-L vs dense | repeated 4-grams |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
+        keep = "" if r["rule"] == DENSE else f"{r['keep']:g}"
+        lines.append(f"| {r['rule']} | {keep} | {alpha} | {r['ffn_density']:.3f} | {r['rouge_l']:.3f} | {r['rep4']:.3f} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows: Sequence[dict], path: str) -> None:
+    """Perplexity and agreement against FFN density, one panel column per set, one line per rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    fig, axes = plt.subplots(2, len(sets), figsize=(5.5 * len(sets), 7), squeeze=False)
+    for col, name in enumerate(sets):
+        set_rows = [r for r in rows if r["set"] == name]
+        lines = {}
+        for r in set_rows:
+            if r["rule"] != DENSE:
+                lines.setdefault((r["rule"], r["alpha"]), []).append(r)
+        for (rule, alpha), points in lines.items():
+            points.sort(key=lambda r: r["ffn_density"])
+            label = rule if alpha is None else f"{rule} α={alpha:g}"
+            for row, metric in enumerate(("ppl", "agreement")):
+                axes[row][col].plot([p["ffn_density"] for p in points], [p[metric] for p in points], "o-", label=label)
+        dense = next((r for r in set_rows if r["rule"] == DENSE), None)
+        for row, metric in enumerate(("ppl", "agreement")):
+            ax = axes[row][col]
+            if dense is not None:
+                ax.axhline(dense[metric], color="black", linestyle="--", label="dense")
+            ax.set_xlabel("FFN density (fraction of multiply-adds per token)")
+            ax.set_ylabel("perplexity (log)" if metric == "ppl" else "top-1 agreement with dense")
+            if metric == "ppl":
+                ax.set_yscale("log")
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""The quality harness: its fast path, its metrics, and every selection rule's size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from coreinfer import Engine
+from coreinfer.engine import SparsityConfig
+from coreinfer.quality import (
+    ALL_RULES,
+    Config,
+    EvalSet,
+    Item,
+    StaticSelector,
+    calibrate_static,
+    evaluate,
+    markdown_table,
+    prefill,
+    repeated_ngram_rate,
+    score,
+    sweep,
+)
+from coreinfer.selection import RULES, num_kept
+
+from conftest import prompts, tiny_model
+
+
+def _items(n: int = 3, seed: int = 1) -> list[Item]:
+    ps = prompts((9, 5, 12, 7)[:n], seed=seed)
+    cs = prompts((6, 4, 8, 5)[:n], seed=seed + 10)
+    return [Item(tuple(p), tuple(c)) for p, c in zip(ps, cs)]
+
+
+@pytest.fixture
+def llama() -> Engine:
+    return Engine(tiny_model("llama"), tokenizer=None, name="tiny-llama")
+
+
+@pytest.mark.parametrize("rule", sorted(RULES) + ["static"])
+def test_fast_path_equals_continuation_logits(llama, rule):
+    items = _items()
+    scores = calibrate_static(llama, _items(2, seed=7))
+    sparsity = SparsityConfig(keep=0.3, alpha=0.3, rule="coreinfer" if rule == "static" else rule)
+    for item in items:
+        selector = StaticSelector(scores, 0.3) if rule == "static" else None
+        pre = prefill(llama, item)
+        # Score twice on the same prefill: the cache must come back untouched.
+        for _ in range(2):
+            fast, density = score(llama, pre, sparsity, selector)
+            (ref,), session = llama.continuation_logits([item.prompt], [item.continuation], sparsity, selector=selector)
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+            assert density == pytest.approx(session.ffn_density())
+        dense, _ = score(llama, pre, None)
+        (ref,), _ = llama.continuation_logits([item.prompt], [item.continuation], None)
+        torch.testing.assert_close(dense, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_one_matches_dense(tiny_engine):
+    evalset = EvalSet("tiny", _items(), _items(2, seed=7))
+    configs = [Config(rule, 1.0, 0.2 if rule in ("coreinfer", "official", "magnitude") else None) for rule in ALL_RULES]
+    rows = evaluate(tiny_engine, evalset, configs, progress=False)
+    for row in rows:
+        assert row["agreement"] == 1.0, row
+        assert row["kl"] == pytest.approx(0.0, abs=1e-6), row
+        assert row["ppl"] == pytest.approx(row["dense_ppl"], rel=1e-5), row
+        assert row["ffn_density"] == pytest.approx(1.0)
+
+
+def test_sparse_differs_from_dense(llama):
+    rows = evaluate(llama, EvalSet("tiny", _items(), _items(2, seed=7)), sweep(["random", "static"], [0.2], [0.2]), progress=False)
+    dense, *sparse = rows
+    assert dense["rule"] == "dense" and dense["agreement"] == 1.0
+    for row in sparse:
+        assert row["kl"] > 1e-4 and row["ffn_density"] < 1.0
+    assert "| tiny | random | 0.2 |" in markdown_table(rows)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.5, 0.8, 1.0])
+def test_rule_keeps_stated_number(rule, keep):
+    acts = torch.randn(11, 64, generator=torch.Generator().manual_seed(3))
+    chosen = RULES[rule](acts, keep, 0.2)
+    assert len(chosen) == num_kept(64, keep)
+    assert torch.equal(chosen, torch.sort(chosen).values)
+    assert len(set(chosen.tolist())) == len(chosen)
+
+
+def test_static_selector_ignores_prompt():
+    scores = {0: torch.arange(64.0)}
+    selector = StaticSelector(scores, 0.25)
+    a = selector(0, torch.randn(5, 64))
+    b = selector(0, torch.randn(9, 64))
+    assert torch.equal(a, b) and a.tolist() == list(range(48, 64))
+
+
+def test_griffin_normalises_each_token():
+    acts = torch.zeros(2, 4)
+    acts[0, 0] = 100.0  # a loud token must not outweigh a quiet one
+    acts[1, 1] = 0.1
+    acts[1, 2] = 0.05
+    assert RULES["griffin"](acts, 0.5, 0.2).tolist() == [0, 1]
+
+
+def test_repeated_ngram_rate():
+    assert repeated_ngram_rate([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_ngram_rate([1, 2, 3, 4] * 3) == pytest.approx(5 / 9)  # 9 four-grams, the first 4 new
+    assert repeated_ngram_rate([1, 2]) == 0.0
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_ranked_selector_equals_rule(rule):
+    from coreinfer.quality import RankedSelector
+
+    acts = torch.randn(13, 96, generator=torch.Generator().manual_seed(5))
+    cache: dict = {}
+    for keep in (0.8, 0.2, 0.5):  # the cached ranking serves every keep
+        for alpha in (0.1, 0.3):
+            got = RankedSelector(rule, keep, alpha, cache)(2, acts)
+            assert torch.equal(got, RULES[rule](acts, keep, alpha))
+
+
+def test_data_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from coreinfer.quality import data_dir
+
+    monkeypatch.setenv("COREINFER_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="COREINFER_DATA"):
+        data_dir()
+
+
+def test_sweep_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="unknown rule"):
+        sweep(["bogus"], [0.5], [0.2])
+    configs = sweep(["coreinfer", "griffin"], [0.4, 0.6], [0.1, 0.2])
+    assert configs[0].rule == "dense" and len(configs) == 1 + 4 + 2  # alpha only sweeps where it applies
+    assert {c.rule for c in sweep(["all"], [0.5], [0.2])} == set(ALL_RULES)
+
+
+@pytest.mark.real_model
+def test_quality_cli_on_user_jsonl(real_engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Name a colour.", "continuation": "Blue is a colour."},
+                {"prompt": "Count to three.", "continuation": "One, two, three."},
+                {"prompt": "Say hello.", "continuation": "Hello there!"},
+            ]
+        )
+    )
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    args = ["quality", "--data", str(data), "--data-items", "2", "--calibration", "1", "--keep", "0.5", "--keep", "1.0",
+            "--rule", "static", "--rule", "griffin", "--json", str(out), "--plot", str(png)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rule"], r["keep"]) for r in rows] == [("dense", 1.0), ("static", 0.5), ("static", 1.0), ("griffin", 0.5), ("griffin", 1.0)]
+    for r in rows:
+        assert {"set", "rule", "keep", "alpha", "ffn_density", "ppl", "dense_ppl", "agreement", "kl"} <= set(r)
+        assert r["set"] == "pairs" and r["items"] == 2
+        if r["keep"] == 1.0:
+            assert r["agreement"] == 1.0 and r["ppl"] == pytest.approx(r["dense_ppl"], rel=1e-5)
+    assert 0 < rows[1]["ffn_density"] < 1
+    assert png.stat().st_size > 1000 and "| pairs | griffin | 0.5 |" in result.stdout
