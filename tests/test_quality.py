@@ -169,3 +169,14 @@ def test_quality_cli_on_user_jsonl(real_engine, tmp_path):
             assert r["agreement"] == 1.0 and r["ppl"] == pytest.approx(r["dense_ppl"], rel=1e-5)
     assert 0 < rows[1]["ffn_density"] < 1
     assert png.stat().st_size > 1000 and "| pairs | griffin | 0.5 |" in result.stdout
+
+
+def test_adaptive_rule_in_the_harness_meets_its_density_target(llama):
+    from coreinfer.adaptive import calibrate
+
+    items = _items()
+    llama._calibration = calibrate(llama, [i.prompt for i in items], [i.continuation for i in items], levels=(0.3, 0.6), progress=False)
+    rows = evaluate(llama, EvalSet("tiny", _items(3, seed=4)), sweep(["adaptive"], [0.5, 1.0], [0.2]), progress=False)
+    by_keep = {r["keep"]: r for r in rows if r["rule"] == "adaptive"}
+    assert by_keep[0.5]["ffn_density"] <= 0.5 + 1e-6 and by_keep[0.5]["agreement"] < 1.0
+    assert by_keep[1.0]["agreement"] == 1.0 and by_keep[1.0]["kl"] == pytest.approx(0.0, abs=1e-9)

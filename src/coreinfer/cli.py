@@ -43,7 +43,7 @@ def generate(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     keep: float = typer.Option(0.4, help="Fraction of each sparse layer's FFN neurons kept, in (0, 1]."),
     alpha: float = typer.Option(0.2, help="Token-wise fraction of positive activations counted as core, in (0, 1]."),
-    rule: str = typer.Option("coreinfer", help="Selection rule: coreinfer, official or magnitude."),
+    rule: str = typer.Option("coreinfer", help="Selection rule: coreinfer, official, magnitude, griffin, random, or adaptive (calibrated per-layer budgets; keep = FFN density target)."),
     dense: bool = typer.Option(False, "--dense", help="Decode densely (the baseline)."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -123,7 +123,7 @@ def serve(
 @app.command()
 def quality(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, or all. Default: coreinfer."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. Default: coreinfer."),
     keep: list[float] = typer.Option([0.2, 0.4, 0.6, 0.8], help="Keep fraction (repeatable)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
     sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),
@@ -131,6 +131,7 @@ def quality(
     gsm8k_items: int = typer.Option(40, min=1, help="GSM8K questions evaluated."),
     answer_tokens: int = typer.Option(96, min=1, help="GSM8K answer tokens scored."),
     wikitext_items: int = typer.Option(24, min=1, help="WikiText-2 windows evaluated (256 tokens -> next 128)."),
+    window: int = typer.Option(256, min=1, help="WikiText-2 prompt length in tokens (the prompt-length study varies it)."),
     data_items: Optional[int] = typer.Option(None, min=1, help="Items of --data evaluated (default: all; later ones calibrate 'static')."),
     calibration: int = typer.Option(8, min=1, help="Items per set that calibrate the static rule (never evaluated)."),
     generation: int = typer.Option(0, min=0, help="Greedy-generation prompts (GSM8K questions) for ROUGE-L and repeated 4-grams; 0 skips."),
@@ -157,7 +158,7 @@ def quality(
         else:
             builders = {
                 "gsm8k": lambda: q.gsm8k_set(engine, gsm8k_items, answer_tokens, calibration),
-                "wikitext2": lambda: q.wikitext_set(engine, wikitext_items, calibration=calibration),
+                "wikitext2": lambda: q.wikitext_set(engine, wikitext_items, window, calibration=calibration),
             }
             unknown = [s for s in sets if s not in builders]
             if unknown:

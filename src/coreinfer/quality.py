@@ -25,7 +25,8 @@ from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, t
 
 DENSE = "dense"
 STATIC = "static"
-ALL_RULES = (DENSE, *RULES, STATIC)
+ADAPTIVE = "adaptive"
+ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE)
 
 
 # Data
@@ -267,6 +268,19 @@ class Config:
         rule = self.rule if self.rule in RULES else "coreinfer"  # static: the rule name is unused
         return SparsityConfig(keep=self.keep, alpha=self.alpha or 0.2, rule=rule, layers=layers)
 
+    def plan(
+        self, engine: Engine, layers: Optional[tuple[int, ...]], static_scores, rankings: dict
+    ) -> tuple[Optional[SparsityConfig], Optional[Selector]]:
+        """The sparsity settings and selector this config evaluates with."""
+        if self.rule == DENSE:
+            return None, None
+        if self.rule == ADAPTIVE:  # keep is the density target; the calibration picks the layers
+            selector = engine.adaptive_selector(self.keep)
+            return SparsityConfig(keep=self.keep, rule=ADAPTIVE, layers=selector.sparse_layers()), selector
+        if self.rule == STATIC:
+            return self.sparsity(layers), StaticSelector(static_scores, self.keep)
+        return self.sparsity(layers), RankedSelector(self.rule, self.keep, self.alpha or 0.2, rankings)
+
 
 def sweep(rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float]) -> list[Config]:
     """Dense first, then every rule at every keep (and every alpha for the rules that use one)."""
@@ -321,12 +335,8 @@ def evaluate(
             if config.rule == DENSE:
                 logits, density = dense_logits, 1.0
             else:
-                selector = (
-                    StaticSelector(static_scores, config.keep)
-                    if config.rule == STATIC
-                    else RankedSelector(config.rule, config.keep, config.alpha or 0.2, pre.rankings)
-                )
-                logits, density = score(engine, pre, config.sparsity(layers), selector)
+                sparsity, selector = config.plan(engine, layers, static_scores, pre.rankings)
+                logits, density = score(engine, pre, sparsity, selector)
             stats[config].add(dense_logits, logits, targets, density)
             bar.update()
         del pre
@@ -376,8 +386,10 @@ def generation_quality(
         if config.rule == DENSE:
             results = dense
         else:
-            selector = StaticSelector(static_scores, config.keep) if config.rule == STATIC else None
-            results = engine.generate_ids(prompts, config.sparsity(layers), sampling, selector=selector)
+            sparsity, selector = config.plan(engine, layers, static_scores, {})
+            if config.rule not in (STATIC, ADAPTIVE):
+                selector = None  # the rule itself; a ranking cache is per prompt
+            results = engine.generate_ids(prompts, sparsity, sampling, selector=selector)
         rows.append(
             {
                 **asdict(config),
