@@ -172,6 +172,11 @@ class AdaptiveSelector:
         return select_by_mass(acts, k, self.prior[layer], self.prior_weight)
 
 
+def shipped_calibration_dir(fingerprint: str) -> Path:
+    """Where a calibration shipped inside the package would be (the default model's is)."""
+    return Path(__file__).parent / "calibrations" / fingerprint
+
+
 def model_fingerprint(engine: "Engine") -> str:
     """Name plus a hash of the config and FFN shapes: a calibration fits only its own model."""
     shapes = [tuple(f.weights.up.shape) for f in engine.ffns]

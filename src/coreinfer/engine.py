@@ -392,14 +392,19 @@ class Engine:
         ``prompts``/``continuations`` (token ids) replace the built-in calibration text.
         """
         if self._calibration is None:
-            from .adaptive import Calibration, calibrate, model_fingerprint
+            from .adaptive import Calibration, calibrate, model_fingerprint, shipped_calibration_dir
             from .loading import cache_root
 
             fingerprint = model_fingerprint(self)
             directory = cache_root() / "calibration" / fingerprint
-            try:
-                self._calibration = Calibration.load(directory, expect_model=fingerprint)
-            except (OSError, ValueError, KeyError):
+            # The default model's calibration ships with the package, so its first use is instant.
+            for candidate in (directory, shipped_calibration_dir(fingerprint)):
+                try:
+                    self._calibration = Calibration.load(candidate, expect_model=fingerprint)
+                    break
+                except (OSError, ValueError, KeyError):
+                    continue
+            else:
                 self._calibration = calibrate(self, prompts, continuations, progress=progress)
                 self._calibration.save(directory)
         return self._calibration
