@@ -53,6 +53,9 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if the model has one)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and measurements."),
+    memory_limit: bool = typer.Option(
+        False, "--memory-limit", help="Keep sparse layers' FFN weights in slow memory (mmap / pinned RAM)."
+    ),
 ) -> None:
     """Generate a completion, streaming it to standard output."""
     from .engine import SamplingConfig, SparsityConfig, load
@@ -62,7 +65,7 @@ def generate(
     try:
         sparsity = None if dense else SparsityConfig(keep=keep, alpha=alpha, rule=rule)
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        engine = load(model, device=device)
+        engine = load(model, device=device, memory_limit=memory_limit)
     except (ValueError, TypeError, ModelNotFound) as err:
         _fail(str(err))
 
