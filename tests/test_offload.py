@@ -13,6 +13,7 @@ from coreinfer.offload import (
     pin_available,
     slow_memory_kind,
 )
+from coreinfer.offload_bench import add_ratios, markdown_table
 from coreinfer.sparse_ffn import FFNWeights
 
 from conftest import prompts, tiny_model
@@ -129,8 +130,35 @@ def test_memory_limited_default_model_matches_sparse(real_engine):
     import coreinfer
 
     engine = coreinfer.load(device="cpu", memory_limit=True)
-    ids = real_engine.encode("What is the capital of France?")
-    sampling = SamplingConfig(max_new_tokens=8)
+    ids = real_engine.encode("Capital of France?")
+    sampling = SamplingConfig(max_new_tokens=5)
     expected = real_engine.generate_ids([ids], SparsityConfig(keep=0.4), sampling)[0]
     got = engine.generate_ids([ids], SparsityConfig(keep=0.4), sampling)[0]
     assert got.token_ids == expected.token_ids
+
+
+def test_bench_ratios_and_table():
+    rows = [
+        {"mode": "baseline", "keep": None, "peak_rss_mb": 100.0},
+        {"mode": "dense", "keep": None, "peak_rss_mb": 500.0, "decode_tok_s": 10.0, "ffn_density": 1.0},
+        {"mode": "memory-limited", "keep": 0.4, "peak_rss_mb": 300.0, "decode_tok_s": 12.0, "ffn_density": 0.5},
+    ]
+    rows = add_ratios(rows)
+    limited = rows[2]
+    assert limited["rss_vs_dense"] == 0.6 and limited["model_mb"] == 200.0
+    assert limited["model_mb_vs_dense"] == 0.5 and limited["speed_vs_dense"] == 1.2
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 5 and table[-1].startswith("| memory-limited | 0.4 | 300.0 | 0.6 |")
+    assert "GPU" not in table[0]
+
+
+def test_cli_memory_limit_flag_and_bench_errors():
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "hi", "--memory-limit", "--model", "/nonexistent/m.gguf"])
+    assert result.exit_code == 2 and "no model at" in result.output
+    result = runner.invoke(app, ["bench-memory", "--keeps", "0.4,abc"])
+    assert result.exit_code == 2 and "--keeps" in result.output

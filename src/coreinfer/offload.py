@@ -41,7 +41,8 @@ from .selection import default_sparse_layers
 from .sparse_ffn import CompactFFN, FFNWeights, SparseFFN
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DEFAULT_CHUNK = 256  # neurons per prefill chunk: ~0.6 MB of fp32 weights for a 576-wide layer
+DEFAULT_CHUNK = 256
+COPY_BLOCK_BYTES = 8 * 1024 * 1024  # loading copies resident tensors from the mapping this much at a time  # neurons per prefill chunk: ~0.6 MB of fp32 weights for a 576-wide layer
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -318,14 +319,24 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _slow_copy(mapped: torch.Tensor, placement: Placement, store: MappedSafetensors) -> torch.Tensor:
+def _resident_copy(mapped: torch.Tensor, placement: Placement, pin: bool = False) -> torch.Tensor:
+    """A copy of a mapped tensor on ``placement.device``, made block by block so touched pages never pile up."""
+    copy = torch.empty(mapped.shape, dtype=placement.dtype, device=placement.device, pin_memory=pin)
+    if mapped.dim() == 0:
+        return copy.copy_(mapped)
+    rows = max(1, COPY_BLOCK_BYTES // max(1, mapped[0].numel() * mapped.element_size()))
+    for start in range(0, mapped.shape[0], rows):
+        block = mapped[start:start + rows]
+        copy[start:start + rows].copy_(block, non_blocking=True)
+        placement.release(block)
+    return copy
+
+
+def _slow_copy(mapped: torch.Tensor, placement: Placement) -> torch.Tensor:
     """An offloaded tensor: the mapped view itself on the CPU, a pinned copy for CUDA."""
     if not placement.pin:
         return mapped
-    pinned = torch.empty(mapped.shape, dtype=placement.dtype, pin_memory=True)
-    pinned.copy_(mapped)
-    store.release(mapped)
-    return pinned
+    return _resident_copy(mapped, Placement(torch.device("cpu"), placement.dtype, store=placement.store), pin=True)
 
 
 def offloaded_parameter_names(model: nn.Module, layers: Sequence[int]) -> set[str]:
@@ -375,10 +386,9 @@ def build_offloaded_model(
             continue  # tied weights, tied below; anything else is caught by the meta check
         mapped = store[key]
         if name in slow:
-            _set_tensor(model, name, _slow_copy(mapped, placement, store))
+            _set_tensor(model, name, _slow_copy(mapped, placement))
         else:
-            _set_tensor(model, name, mapped.to(device, dtype, copy=True))
-            store.release(mapped)
+            _set_tensor(model, name, _resident_copy(mapped, placement))
     model.tie_weights()
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if missing:
