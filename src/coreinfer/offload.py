@@ -327,7 +327,7 @@ def _resident_copy(mapped: torch.Tensor, placement: Placement, pin: bool = False
     rows = max(1, COPY_BLOCK_BYTES // max(1, mapped[0].numel() * mapped.element_size()))
     for start in range(0, mapped.shape[0], rows):
         block = mapped[start:start + rows]
-        copy[start:start + rows].copy_(block, non_blocking=True)
+        copy[start:start + rows].copy_(block)
         placement.release(block)
     return copy
 
