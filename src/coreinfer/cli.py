@@ -53,6 +53,9 @@ def generate(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: if the model has one)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and measurements."),
+    memory_limit: bool = typer.Option(
+        False, "--memory-limit", help="Keep sparse layers' FFN weights in slow memory (mmap / pinned RAM)."
+    ),
 ) -> None:
     """Generate a completion, streaming it to standard output."""
     from .engine import SamplingConfig, SparsityConfig, load
@@ -62,7 +65,7 @@ def generate(
     try:
         sparsity = None if dense else SparsityConfig(keep=keep, alpha=alpha, rule=rule)
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        engine = load(model, device=device)
+        engine = load(model, device=device, memory_limit=memory_limit)
     except (ValueError, TypeError, ModelNotFound) as err:
         _fail(str(err))
 
@@ -210,6 +213,35 @@ def eval(ctx: typer.Context) -> None:
         args += ["--include_path", str(files("coreinfer") / "tasks")]
     sys.argv = ["lm_eval", *args]
     cli_evaluate()
+
+
+# Memory-limited mode: peak memory and decode speed (coreinfer.offload_bench)
+
+
+@app.command("bench-memory")
+def bench_memory(
+    out: str = typer.Option("bench/memory", help="Directory for memory.json and memory.md."),
+    keeps: str = typer.Option("0.6,0.4,0.2", help="Comma-separated keep fractions for memory-limited runs."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda if available)."),
+    max_new_tokens: int = typer.Option(64, min=2),
+    repeats: int = typer.Option(3, min=1, help="Generations per run; decode speed is their median."),
+) -> None:
+    """Peak RSS (and GPU memory) and decode speed: dense vs memory-limited, each in a fresh process."""
+    from pathlib import Path
+
+    from .offload_bench import default_specs, run_bench
+
+    try:
+        fractions = [float(k) for k in keeps.split(",") if k.strip()]
+    except ValueError:
+        _fail(f"--keeps must be comma-separated numbers, got {keeps!r}")
+    specs = default_specs(fractions, model, device, max_new_tokens, repeats)
+    try:
+        run_bench(specs, Path(out), echo=lambda line: typer.echo(line, err=True))
+    except RuntimeError as err:
+        _fail(str(err))
+    typer.echo((Path(out) / "memory.md").read_text())
 
 
 def main() -> None:  # pragma: no cover

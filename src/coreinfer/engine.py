@@ -638,11 +638,17 @@ def load(
     model: Union[str, None] = None,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = torch.float32,
+    memory_limit: bool = False,
 ) -> Engine:
     """Load a model directory, a GGUF file, or (``None``) the default SmolLM2-135M-Instruct.
 
-    ``device=None`` picks CUDA when available, else the CPU.
+    ``device=None`` picks CUDA when available, else the CPU. ``memory_limit=True``
+    keeps the sparse layers' FFN weights in slow memory (see ``coreinfer.offload``).
     """
+    if memory_limit:
+        from .offload import load_memory_limited  # offload builds on Engine, so imported late
+
+        return load_memory_limited(model, device, dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model, tokenizer, _ = load_model_and_tokenizer(model, device, dtype)
