@@ -191,6 +191,37 @@ def similarity_eval(
     typer.echo(text)
 
 
+@app.command()
+def analyze(
+    out: str = typer.Option("analysis", help="Directory for analysis.json and the PNG plots."),
+    data_dir: str = typer.Option("../shared/data", help="The shared evaluation data."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    keep: float = typer.Option(0.4),
+    alpha: float = typer.Option(0.2),
+    rule: str = typer.Option("coreinfer"),
+    windows: int = typer.Option(8, min=1, help="Stability: WikiText-2 windows of 256+64 tokens."),
+    pairs: int = typer.Option(300, min=3, help="Similarity: sentence pairs from each of SICK and STS 2015."),
+    per_class: int = typer.Option(50, min=5, help="Topics: AG News items per topic."),
+    batch_size: int = typer.Option(16, min=1),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """The paper's analyses: stability of core neurons, and their semantic similarity (PNG + JSON)."""
+    from .analysis import run_analyses
+    from .engine import SparsityConfig, load
+    from .loading import ModelNotFound
+
+    try:
+        sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        engine = load(model, device=device)
+        report = run_analyses(
+            engine, data_dir, out, sparsity, windows=windows, pairs=pairs, per_class=per_class,
+            batch_size=batch_size, progress=True,
+        )
+    except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(report, indent=1, ensure_ascii=False))
+
+
 def main() -> None:  # pragma: no cover
     app()
 
