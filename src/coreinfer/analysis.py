@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .predictors.similarity import binary_features, prefill_with, record_core_sets
-from .selection import get_rule
+from .selection import get_rule, sentence_core, token_core_mask, token_core_mask_magnitude
 
 if TYPE_CHECKING:
     from .engine import Engine, SparsityConfig
@@ -83,7 +83,9 @@ def stability_overlaps(
     """
     from tqdm import tqdm
 
-    rule = get_rule(sparsity.rule)
+    token_mask = _TOKEN_MASKS.get(sparsity.rule)
+    if token_mask is None:
+        raise ValueError(f"the stability analysis needs a per-token rule: {sorted(_TOKEN_MASKS)}")
     sums = {e: {length: 0.0 for length in prefix_lengths} for e in extensions}
     for window in tqdm(windows, desc="stability", disable=not progress, unit="window"):
         if len(window) < max(prefix_lengths) + max(extensions):
@@ -91,11 +93,16 @@ def stability_overlaps(
         recorder = ActivationRecorder(sparsity.rule, sparsity.keep, sparsity.alpha)
         prefill_with(engine, [window], sparsity, recorder)
         for layer, acts in recorder.acts.items():
-            core = {n: rule(acts[:n], sparsity.keep, sparsity.alpha) for n in _needed(prefix_lengths, extensions)}
+            mask = token_mask(acts, sparsity.alpha)  # per token, so a prefix's mask is its first rows
+            core = {n: sentence_core(mask[:n], acts[:n], sparsity.keep) for n in _needed(prefix_lengths, extensions)}
             for e in extensions:
                 for length in prefix_lengths:
                     sums[e][length] += overlap(core[length], core[length + e]) / len(recorder.acts)
     return {f"+{e}": {str(n): round(s / len(windows), 4) for n, s in by_len.items()} for e, by_len in sums.items()}
+
+
+# Rules whose token-wise sets depend on each token alone ("official" averages over the prompt).
+_TOKEN_MASKS = {"coreinfer": token_core_mask, "magnitude": token_core_mask_magnitude}
 
 
 def _needed(prefix_lengths: Sequence[int], extensions: Sequence[int]) -> set[int]:

@@ -309,6 +309,7 @@ def build_clusters(
         "sparse_layers": list(sparse),
         "num_prompts": len(prompts),
         "cluster_sizes": torch.bincount(labels, minlength=k).tolist(),
+        "labels": labels.tolist(),
         "seed": seed,
         **(extra_meta or {}),
     }
