@@ -74,7 +74,10 @@ def evaluate_truthfulqa(
     cluster_idx, eval_idx = split_items(len(items), cluster_fraction, seed)
     eval_idx = eval_idx[:eval_items]
     tok = engine.tokenizer
-    encode = lambda text: tok(text)["input_ids"]  # noqa: E731 - raw text, no chat template
+
+    def encode(text: str) -> list[int]:  # raw text: the paper's format, no chat template
+        return tok(text)["input_ids"]
+
     clusters = build_clusters(
         engine, [encode(items[i][0]) for i in cluster_idx], sparsity, k=k, k_max=k_max,
         seed=seed, batch_size=batch_size, progress=progress, extra_meta={"chat": False},

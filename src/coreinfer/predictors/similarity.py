@@ -208,12 +208,13 @@ class ClusterSet:
 
     def check_model(self, engine: "Engine") -> None:
         """Refuse clusters made for another model: its name and every FFN shape must match."""
-        if self.meta["model"] != engine.name or self.meta["ffn_shapes"] != ffn_shapes(engine):
+        made_for, shapes = self.meta["model"], self.meta["ffn_shapes"]
+        if made_for != engine.name or shapes != ffn_shapes(engine):
+            what = "another name" if made_for != engine.name else "other FFN shapes"
             raise ClusterMismatch(
-                f"these clusters were made for model {self.meta['model']!r} "
-                f"({len(self.meta['ffn_shapes'])} FFN layers), not for {engine.name!r} "
-                f"({engine.num_layers} FFN layers, shapes differ or names differ); rebuild them with "
-                "`coreinfer cluster` for this model"
+                f"these clusters were made for model {made_for!r} ({len(shapes)} FFN layers), not for "
+                f"{engine.name!r} ({engine.num_layers} FFN layers; {what}); rebuild them for this model "
+                "with `coreinfer cluster`"
             )
 
     def save(self, out: Path) -> Path:
@@ -323,8 +324,8 @@ def build_clusters(
 class SimilaritySelector:
     """Decode each sequence with its nearest cluster's core sets (a ``Selector`` with ``finalize``).
 
-    During prefill every layer first selects from the prompt itself (the rule at
-    ``keep * own_share``, or at ``keep`` when ``own_share`` is 0); at the
+    During prefill every layer selects the prompt's own share (the rule at
+    ``keep * own_share``; a placeholder when ``own_share`` is 0); at the
     clustering layer the prompt's feature is kept. ``finalize`` assigns each
     sequence its nearest cluster and fills every layer to round(keep * N) neurons
     from the cluster's ranking: the whole budget when ``own_share`` is 0, else
@@ -348,8 +349,9 @@ class SimilaritySelector:
     def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
         if layer == self.clusters.layer:
             self.features.append(self.clusters.feature(acts))
-        own_keep = self.keep * self.own_share if self.own_share > 0 else self.keep
-        return get_rule(self.rule)(acts, own_keep, self.alpha)
+        if self.own_share == 0:  # finalize replaces the whole set; skip selecting one here
+            return torch.arange(num_kept(acts.shape[-1], self.keep), device=acts.device)
+        return get_rule(self.rule)(acts, self.keep * self.own_share, self.alpha)
 
     def finalize(self, neurons: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         if len(self.features) != next(iter(neurons.values())).shape[0]:
@@ -363,18 +365,14 @@ class SimilaritySelector:
 
     def _fill(self, layer: int, own: torch.Tensor) -> torch.Tensor:
         """[B, K]: the prompt's own share (if any), then the cluster's best until K = round(keep * N)."""
-        n = self.clusters.counts[layer].shape[1] if layer in self.clusters.counts else None
-        if n is None:
-            self.clusters.ranked(layer, 0)  # raises the clear error
-        total = num_kept(n, self.keep)
         rows = []
         for b, cluster in enumerate(self.assigned.tolist()):
             ranked = self.clusters.ranked(layer, cluster).to(own.device)
+            total = num_kept(ranked.shape[0], self.keep)
             if self.own_share == 0:
                 rows.append(ranked[:total])
                 continue
-            taken = torch.zeros(n, dtype=torch.bool, device=own.device)
+            taken = torch.zeros(ranked.shape[0], dtype=torch.bool, device=own.device)
             taken[own[b]] = True
-            extra = ranked[~taken[ranked]][: total - own.shape[1]]
-            rows.append(torch.cat([own[b], extra]))
+            rows.append(torch.cat([own[b], ranked[~taken[ranked]][: total - own.shape[1]]]))
         return torch.sort(torch.stack(rows), dim=1).values
