@@ -56,6 +56,9 @@ def generate(
     memory_limit: bool = typer.Option(
         False, "--memory-limit", help="Keep sparse layers' FFN weights in slow memory (mmap / pinned RAM)."
     ),
+    method: str = typer.Option("stability", help="stability (the prompt's own core neurons) or similarity (--clusters)."),
+    clusters: Optional[str] = typer.Option(None, help="Cluster directory from `coreinfer cluster` (for --method similarity)."),
+    own_share: float = typer.Option(0.0, help="similarity: share of the kept neurons taken from the prompt's own set."),
 ) -> None:
     """Generate a completion, streaming it to standard output."""
     from .engine import SamplingConfig, SparsityConfig, load
@@ -66,7 +69,8 @@ def generate(
         sparsity = None if dense else SparsityConfig(keep=keep, alpha=alpha, rule=rule)
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         engine = load(model, device=device, memory_limit=memory_limit)
-    except (ValueError, TypeError, ModelNotFound) as err:
+        selector = _similarity_selector(method, clusters, engine, sparsity, own_share)
+    except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
         _fail(str(err))
 
     def show(event) -> None:
@@ -74,11 +78,14 @@ def generate(
         sys.stdout.flush()
 
     try:
-        result = engine.generate(text, sparsity, sampling, chat=chat, on_token=None if as_json else show)
+        ids = [engine.encode(text, chat)]
+        result = engine.generate_ids(ids, sparsity, sampling, None if as_json else show, selector=selector)[0]
     except ValueError as err:
         _fail(str(err))
     if as_json:
         payload = {"model": engine.name, "rule": None if dense else rule, "alpha": None if dense else alpha}
+        if selector is not None:
+            payload.update(method="similarity", clusters=clusters, cluster=int(selector.assigned[0]))
         payload.update(result.to_dict())
         typer.echo(json.dumps(payload, indent=1))
     else:
@@ -242,6 +249,133 @@ def bench_memory(
     except RuntimeError as err:
         _fail(str(err))
     typer.echo((Path(out) / "memory.md").read_text())
+
+
+# Similarity-guided selection and the paper's analyses (predictors/similarity.py, analysis.py)
+
+
+def _similarity_selector(method, clusters, engine, sparsity, own_share):
+    """``None`` for the default (stability-guided) method, else a selector over loaded clusters."""
+    if method not in ("stability", "similarity"):
+        raise ValueError(f"unknown method {method!r}; choose stability or similarity")
+    if method == "stability":
+        if clusters is not None:
+            raise ValueError("--clusters needs --method similarity")
+        return None
+    if clusters is None or sparsity is None:
+        raise ValueError("--method similarity needs --clusters DIR and a sparse run (not --dense)")
+    from .predictors import SimilaritySelector, load_clusters
+
+    return SimilaritySelector(load_clusters(clusters, engine), sparsity.keep, sparsity.alpha, sparsity.rule, own_share)
+
+
+@app.command()
+def cluster(
+    data: str = typer.Option(..., help="Prompts: a text file (one a line), JSONL with 'prompt', or TruthfulQA CSV."),
+    out: str = typer.Option(..., help="Directory to write clusters.safetensors and clusters.json to."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    layer: Optional[int] = typer.Option(None, help="Clustering layer (default: the last sparse layer)."),
+    k: Optional[int] = typer.Option(None, help="Number of clusters (default: best silhouette over 2..--k-max)."),
+    k_max: int = typer.Option(8, min=2),
+    keep: float = typer.Option(0.4, help="Sentence-wise core size per prompt, as for generate."),
+    alpha: float = typer.Option(0.2),
+    rule: str = typer.Option("coreinfer"),
+    limit: Optional[int] = typer.Option(None, min=2, help="Use only the first N prompts."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Template the prompts as generate will."),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Cluster prompts by their core neurons; store each cluster's core-set statistics."""
+    from .engine import SparsityConfig, load
+    from .loading import ModelNotFound
+    from .predictors import build_clusters
+    from .predictors.similarity import load_prompts
+
+    try:
+        texts = load_prompts(data)[:limit]
+        sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        engine = load(model, device=device)
+        ids = [engine.encode(t, chat) for t in texts]
+        result = build_clusters(
+            engine, ids, sparsity, layer=layer, k=k, k_max=k_max, seed=seed, batch_size=batch_size,
+            progress=True, extra_meta={"chat": engine.uses_chat(chat), "data": str(data)},
+        )
+    except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
+        _fail(str(err))
+    result.save(out)
+    meta = result.meta
+    typer.echo(f"{meta['k']} clusters of sizes {meta['cluster_sizes']} at layer {meta['layer']} -> {out}")
+
+
+@app.command("similarity-eval")
+def similarity_eval(
+    data: str = typer.Option("../shared/data/truthfulqa/TruthfulQA.csv", help="The TruthfulQA CSV."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    keep: float = typer.Option(0.4),
+    alpha: float = typer.Option(0.2),
+    rule: str = typer.Option("coreinfer"),
+    cluster_fraction: float = typer.Option(0.5, help="Share of the questions to cluster on; the rest is evaluated."),
+    eval_items: int = typer.Option(100, min=1, help="Held-out questions scored."),
+    k: Optional[int] = typer.Option(None),
+    k_max: int = typer.Option(8, min=2),
+    short_tokens: int = typer.Option(12, help="Prompts of at most this many tokens count as short."),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Similarity- vs stability-guided selection at equal density on held-out TruthfulQA (teacher-forced)."""
+    from .engine import SparsityConfig, load
+    from .loading import ModelNotFound
+    from .predictors.evaluate import evaluate_truthfulqa
+
+    try:
+        sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        engine = load(model, device=device)
+        report = evaluate_truthfulqa(
+            engine, data, sparsity, cluster_fraction, eval_items, k, k_max,
+            short_tokens=short_tokens, batch_size=batch_size, seed=seed, progress=True,
+        )
+    except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
+        _fail(str(err))
+    text = json.dumps(report, indent=1)
+    if out:
+        from pathlib import Path
+
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    typer.echo(text)
+
+
+@app.command()
+def analyze(
+    out: str = typer.Option("analysis", help="Directory for analysis.json and the PNG plots."),
+    data_dir: str = typer.Option("../shared/data", help="The shared evaluation data."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    keep: float = typer.Option(0.4),
+    alpha: float = typer.Option(0.2),
+    rule: str = typer.Option("coreinfer"),
+    windows: int = typer.Option(8, min=1, help="Stability: WikiText-2 windows of 256+64 tokens."),
+    pairs: int = typer.Option(300, min=3, help="Similarity: sentence pairs from each of SICK and STS 2015."),
+    per_class: int = typer.Option(50, min=5, help="Topics: AG News items per topic."),
+    batch_size: int = typer.Option(16, min=1),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """The paper's analyses: stability of core neurons, and their semantic similarity (PNG + JSON)."""
+    from .analysis import run_analyses
+    from .engine import SparsityConfig, load
+    from .loading import ModelNotFound
+
+    try:
+        sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        engine = load(model, device=device)
+        report = run_analyses(
+            engine, data_dir, out, sparsity, windows=windows, pairs=pairs, per_class=per_class,
+            batch_size=batch_size, progress=True,
+        )
+    except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(report, indent=1, ensure_ascii=False))
 
 
 def main() -> None:  # pragma: no cover
