@@ -38,7 +38,7 @@ from .adapters import get_adapter
 from .engine import Engine
 from .loading import cached_model_dir, model_identity, resolve_model_path
 from .selection import default_sparse_layers
-from .sparse_ffn import CompactFFN, FFNWeights, SparseFFN
+from .sparse_ffn import FFNWeights, SparseFFN
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_CHUNK = 256
@@ -248,30 +248,13 @@ class OffloadedFFNWeights(FFNWeights):
         self.placement.release(slow)
         return self.placement.fetch(staging).view(*neurons.shape, -1)
 
-    def gather(self, neurons: torch.Tensor) -> CompactFFN:
-        """Compact weights built from slow memory: only the core rows reach the compute device."""
-        neurons = neurons.to(self.placement.device)
-        up = self._take(self.up, neurons)
-        gate_up = up if self.gate is None else torch.cat([self._take(self.gate, neurons), up], dim=1)
-        bias = None
-        if self.up_bias is not None or self.gate_bias is not None:
-            parts = [self._bias_or_zeros(self.up_bias, neurons)]
-            if self.gate is not None:
-                parts.insert(0, self._bias_or_zeros(self.gate_bias, neurons))
-            bias = torch.cat(parts, dim=1)
-        return CompactFFN(
-            gate_up=gate_up.contiguous(),
-            down=self._take(self.down.t(), neurons).contiguous(),
-            act=self.act,
-            gated=self.gated,
-            gate_up_bias=bias,
-            down_bias=self.down_bias,
-        )
+    @property
+    def target_device(self) -> torch.device:
+        return self.placement.device
 
-    def _bias_or_zeros(self, bias: Optional[torch.Tensor], neurons: torch.Tensor) -> torch.Tensor:
-        if bias is None:
-            return torch.zeros(neurons.shape, dtype=self.placement.dtype, device=self.placement.device)
-        return bias[neurons]
+    @property
+    def target_dtype(self) -> torch.dtype:
+        return self.placement.dtype
 
 
 def _part(bias: Optional[torch.Tensor], part: slice) -> Optional[torch.Tensor]:

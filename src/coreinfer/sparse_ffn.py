@@ -66,8 +66,9 @@ class FFNWeights:
 
     def gather(self, neurons: torch.Tensor) -> "CompactFFN":
         """Compact weights for each sequence's kept neurons; ``neurons`` is ``[B, K]``."""
-        up = self.up[neurons]
-        gate_up = up if self.gate is None else torch.cat([self.gate[neurons], up], dim=1)
+        neurons = neurons.to(self.target_device)
+        up = self._take(self.up, neurons)
+        gate_up = up if self.gate is None else torch.cat([self._take(self.gate, neurons), up], dim=1)
         bias = None
         if self.up_bias is not None or self.gate_bias is not None:
             parts = [self._bias_or_zeros(self.up_bias, neurons)]
@@ -76,16 +77,30 @@ class FFNWeights:
             bias = torch.cat(parts, dim=1)
         return CompactFFN(
             gate_up=gate_up.contiguous(),
-            down=self.down.t()[neurons].contiguous(),
+            down=self._take(self.down.t(), neurons).contiguous(),
             act=self.act,
             gated=self.gated,
             gate_up_bias=bias,
             down_bias=self.down_bias,
         )
 
+    # Where compact weights come from and go to; memory-limited mode overrides these.
+
+    @property
+    def target_device(self) -> torch.device:
+        return self.up.device
+
+    @property
+    def target_dtype(self) -> torch.dtype:
+        return self.up.dtype
+
+    def _take(self, rows_of: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """Rows ``neurons`` (``[B, K]``) of a ``[N, d]`` tensor, as ``[B, K, d]``."""
+        return rows_of[neurons]
+
     def _bias_or_zeros(self, bias: Optional[torch.Tensor], neurons: torch.Tensor) -> torch.Tensor:
         if bias is None:
-            return torch.zeros(neurons.shape, dtype=self.up.dtype, device=self.up.device)
+            return torch.zeros(neurons.shape, dtype=self.target_dtype, device=self.target_device)
         return bias[neurons]
 
     def num_weights(self) -> int:
