@@ -1,3 +1,5 @@
 from .cli import app
 
-app(prog_name="coreinfer")
+# Guarded: `coreinfer bench` spawns processes, which import this module as __mp_main__.
+if __name__ == "__main__":
+    app(prog_name="coreinfer")

@@ -378,6 +378,65 @@ def analyze(
     typer.echo(json.dumps(report, indent=1, ensure_ascii=False))
 
 
+# --- coreinfer bench -------------------------------------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    prompt: str = typer.Option("Write a short story about a robot who learns to paint.", help="The prompt (chat template applied)."),
+    max_new_tokens: int = typer.Option(128, min=2, help="New tokens per run, the same for every configuration."),
+    repeats: int = typer.Option(5, min=1, help="Measured rounds (after one warm-up round); medians are reported."),
+    keeps: str = typer.Option("1.0,0.6,0.4,0.2", help="CoreInfer keep fractions, comma-separated."),
+    weights: Optional[str] = typer.Option(None, help="Lean weights of the CoreInfer rows: fp32, bf16 or int8 (default: int8 where the CPU has native bf16, else fp32)."),
+    gguf: Optional[str] = typer.Option(None, help="GGUF for the llama.cpp row (default: the default model's)."),
+    llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="Add llama.cpp when llama-cpp-python is installed."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak RSS per configuration, each in a fresh process."),
+    scaling_tokens: str = typer.Option("8,128,512", help="Scaling: new-token counts ('' to skip)."),
+    scaling_batches: str = typer.Option("1,4,8", help="Scaling: batch sizes ('' to skip)."),
+    scaling_repeats: int = typer.Option(3, min=1),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report here; the Markdown table and the PNG chart go beside it."),
+) -> None:
+    """Decode/prefill speed, peak memory and bandwidth limit: HF, reference, lean, CoreInfer, llama.cpp."""
+    from pathlib import Path
+
+    from .bench import BenchSettings, bar_chart, llamacpp_available, markdown_table, run_bench
+    from .engine import load
+    from .loading import default_gguf_path, load_model_and_tokenizer
+
+    settings = BenchSettings(
+        prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats, keeps=_floats(keeps), weights=weights,
+        model=model, gguf=gguf, llamacpp=llamacpp, memory=memory, scaling_tokens=_ints(scaling_tokens),
+        scaling_batches=_ints(scaling_batches), scaling_repeats=scaling_repeats,
+    )
+    try:
+        engine = load(model, device="cpu")
+        hf_model, _, _ = load_model_and_tokenizer(model, "cpu")
+    except (ValueError, TypeError) as err:
+        _fail(str(err))
+    if llamacpp and llamacpp_available():
+        gguf = gguf or (model if model and model.endswith(".gguf") else str(default_gguf_path()) if model is None else None)
+    else:
+        gguf = None
+    report = run_bench(engine, hf_model, settings, gguf, progress=lambda m: typer.secho(m, err=True, fg=typer.colors.BRIGHT_BLACK))
+    table = markdown_table(report)
+    typer.echo(table)
+    typer.echo(json.dumps(report.goals, indent=1))
+    if json_path:
+        path = Path(json_path)
+        path.write_text(json.dumps(report.to_dict(), indent=1))
+        path.with_suffix(".md").write_text(table)
+        bar_chart(report, path.with_suffix(".png"))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,429 @@
+"""``coreinfer bench``: decode and prefill speed, peak memory and the bandwidth limit, per configuration.
+
+Method (one run, one machine):
+
+- every configuration gets the same prompt and the same number of new tokens
+  (end-of-sequence is ignored), greedy;
+- runs are interleaved round-robin over configurations, so a noisy neighbour
+  slows all of them alike; the first round is a warm-up and is discarded; each
+  figure is the median of the remaining ``repeats`` rounds;
+- decode tok/s counts the tokens after the first (which comes from the
+  prefill logits) over the time after the first; prefill tok/s is prompt
+  tokens over the time to the first token;
+- the bandwidth limit of a configuration is the memory read bandwidth measured
+  in the same run (best of a few sums over a tensor far larger than the
+  caches) divided by the bytes of weights one decode step reads (dense or at
+  its FFN density; the LM head included);
+- peak memory: each configuration is loaded and run once in a fresh
+  subprocess (spawned, not forked), which reports its own ``ru_maxrss``. It
+  therefore includes the Python runtime, torch and every weight copy that
+  configuration needs (the lean path keeps the HF model for prefill).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .engine import Engine, SamplingConfig, SparsityConfig
+from .fast_decode import LeanModel, bf16_supported, lean_generate
+
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row: ``kind`` is hf (HF generate), engine (reference path), lean or llamacpp."""
+
+    name: str
+    kind: str
+    keep: Optional[float] = None
+    weights: str = "fp32"
+
+
+@dataclass
+class BenchSettings:
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128
+    repeats: int = 5
+    keeps: tuple[float, ...] = (1.0, 0.6, 0.4, 0.2)
+    weights: Optional[str] = None  # lean weights of the CoreInfer rows; None: int8 where bf16 is native
+    model: Optional[str] = None
+    gguf: Optional[str] = None  # llama.cpp row; None: the default model's GGUF when llama_cpp imports
+    llamacpp: bool = True
+    memory: bool = True
+    scaling_tokens: tuple[int, ...] = (8, 128, 512)
+    scaling_batches: tuple[int, ...] = (1, 4, 8)
+    scaling_repeats: int = 3
+    scaling_keep: float = 0.4
+
+    def lean_weights(self) -> str:
+        return self.weights or ("int8" if bf16_supported() else "fp32")
+
+
+def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchConfig]:
+    weights = settings.lean_weights()
+    configs = [
+        BenchConfig("hf_dense", "hf"),
+        BenchConfig("engine_dense", "engine"),
+        BenchConfig("lean_dense_fp32", "lean"),
+    ]
+    if weights != "fp32":
+        configs.append(BenchConfig(f"lean_dense_{weights}", "lean", weights=weights))
+    configs += [BenchConfig(f"coreinfer_k{k:g}_{weights}", "lean", keep=k, weights=weights) for k in settings.keeps]
+    if with_llamacpp:
+        configs.append(BenchConfig("llamacpp", "llamacpp"))
+    return configs
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# Timing one generation
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    new_tokens: int  # per sequence
+    batch: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.batch * (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class _FirstTokenClock:
+    """An HF streamer that notes when the first new token arrives (the end of prefill)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def put(self, value) -> None:  # the first call carries the prompt, the second the first new token
+        self.calls.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class Runners:
+    """Everything the configurations run on, built once and shared."""
+
+    def __init__(self, engine: Optional[Engine], hf_model, gguf: Optional[str], pad_id: Optional[int] = None):
+        self.engine = engine
+        self.hf_model = hf_model
+        self.pad_id = pad_id if pad_id is not None else engine.pad_id() if engine is not None else 0
+        self.lean: dict[str, LeanModel] = {}
+        self.llama = None
+        if gguf is not None:
+            from llama_cpp import Llama
+
+            self.llama = Llama(model_path=gguf, n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+
+    def lean_model(self, weights: str) -> LeanModel:
+        if weights not in self.lean:
+            self.lean[weights] = LeanModel(self.engine.model, weights)
+        return self.lean[weights]
+
+    @torch.inference_mode()
+    def run(self, config: BenchConfig, prompt: list[int], new_tokens: int, batch: int = 1) -> Timing:
+        return getattr(self, f"_run_{config.kind}")(config, prompt, new_tokens, batch)
+
+    def _run_hf(self, config, prompt, new_tokens, batch) -> Timing:
+        ids = torch.tensor([prompt] * batch)
+        clock = _FirstTokenClock()
+        start = time.perf_counter()
+        self.hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, streamer=clock, pad_token_id=self.pad_id,
+        )
+        end = time.perf_counter()
+        first = clock.calls[1] if len(clock.calls) > 1 else end
+        return Timing(len(prompt), new_tokens, batch, first - start, end - first)
+
+    def _run_engine(self, config, prompt, new_tokens, batch) -> Timing:
+        # The reference path stops at end-of-sequence; a benchmark needs a fixed length, so
+        # hide the EOS ids for this call only.
+        engine = self.engine
+        engine.eos_ids = set  # instance attribute shadows the method: returns an empty set
+        try:
+            results = engine.generate_ids([prompt] * batch, None, SamplingConfig(max_new_tokens=new_tokens))
+        finally:
+            del engine.eos_ids
+        return _timing(results, batch)
+
+    def _run_lean(self, config, prompt, new_tokens, batch) -> Timing:
+        sparsity = None if config.keep is None else SparsityConfig(keep=config.keep)
+        model = self.lean_model(config.weights)
+        results = lean_generate(
+            self.engine, model, [prompt] * batch, sparsity, SamplingConfig(max_new_tokens=new_tokens), ignore_eos=True
+        )
+        return _timing(results, batch)
+
+    def _run_llamacpp(self, config, prompt, new_tokens, batch) -> Timing:
+        import numpy as np
+
+        if batch != 1:
+            raise ValueError("the llama.cpp row runs batch 1 only")
+        llm = self.llama
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        return Timing(len(prompt), new_tokens, 1, first - start, end - first)
+
+
+def _timing(results, batch: int) -> Timing:
+    r = results[0]
+    return Timing(r.prompt_tokens, r.new_tokens, batch, r.prefill_s, r.select_s + r.decode_s)
+
+
+# Memory bandwidth and bytes per token
+
+
+def read_bandwidth(megabytes: int = 512, tries: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the best of ``tries`` sums over a tensor far larger than caches."""
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(tries + 1):  # the first pass pages the tensor in
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def bytes_per_token(runners: Runners, config: BenchConfig, ffn_density: float, gguf: Optional[str]) -> int:
+    """Weight bytes one decode step reads. llama.cpp: the GGUF's size (its weights, all read once)."""
+    if config.kind == "llamacpp":
+        return Path(gguf).stat().st_size
+    weights = config.weights if config.kind == "lean" else "fp32"
+    return runners.lean_model(weights).weight_bytes_per_token(ffn_density)
+
+
+def ffn_density(engine: Engine, prompt: list[int], keep: Optional[float]) -> float:
+    if keep is None:
+        return 1.0
+    result = engine.generate_ids([prompt], SparsityConfig(keep=keep), SamplingConfig(max_new_tokens=1))[0]
+    return result.ffn_density
+
+
+# Peak memory, one fresh process per configuration
+
+
+def _peak_rss_child(config: BenchConfig, settings: BenchSettings, prompt: list[int], gguf: Optional[str]) -> float:
+    from .engine import load
+    from .loading import load_model_and_tokenizer
+
+    if config.kind == "llamacpp":
+        runners = Runners(None, None, gguf)
+    elif config.kind == "hf":
+        model, _, _ = load_model_and_tokenizer(settings.model, "cpu", torch.float32)
+        runners = Runners(None, model, None, pad_id=model.config.pad_token_id or 0)
+    else:
+        runners = Runners(load(settings.model, device="cpu"), None, None)
+    runners.run(config, prompt, settings.max_new_tokens)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_rss_mb(
+    configs: Sequence[BenchConfig], settings: BenchSettings, prompt: list[int], gguf: Optional[str]
+) -> dict[str, float]:
+    peaks = {}
+    for config in configs:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            peaks[config.name] = round(pool.submit(_peak_rss_child, config, settings, prompt, gguf).result(), 1)
+    return peaks
+
+
+# The benchmark
+
+
+def _prompt_ids(engine: Engine, prompt: str) -> list[int]:
+    return engine.encode(prompt) if engine.tokenizer is not None else [int(t) for t in prompt.split()]
+
+
+def interleaved(
+    runners: Runners, configs: Sequence[BenchConfig], prompt: list[int], new_tokens: int, repeats: int, batch: int = 1
+) -> dict[str, list[Timing]]:
+    """Round-robin over configurations; the first round is a warm-up and is dropped."""
+    timings: dict[str, list[Timing]] = {c.name: [] for c in configs}
+    for round_index in range(repeats + 1):
+        for config in configs:
+            timing = runners.run(config, prompt, new_tokens, batch)
+            if round_index > 0:
+                timings[config.name].append(timing)
+    return timings
+
+
+def _median(timings: list[Timing], attribute: str) -> float:
+    return statistics.median(getattr(t, attribute) for t in timings)
+
+
+@dataclass
+class BenchReport:
+    settings: dict
+    machine: dict
+    rows: list[dict]
+    scaling: dict = field(default_factory=dict)
+    goals: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(
+    engine: Engine,
+    hf_model,
+    settings: BenchSettings,
+    gguf: Optional[str] = None,
+    progress=print,
+) -> BenchReport:
+    """Measure every configuration; ``hf_model`` is an unwrapped copy of the same model for HF generate."""
+    configs = default_configs(settings, with_llamacpp=gguf is not None)
+    runners = Runners(engine, hf_model, gguf)
+    prompt = _prompt_ids(engine, settings.prompt)
+    progress(f"measuring read bandwidth; {len(configs)} configurations x {settings.repeats + 1} rounds")
+    bandwidth = read_bandwidth()
+    timings = interleaved(runners, configs, prompt, settings.max_new_tokens, settings.repeats)
+    bandwidth = max(bandwidth, read_bandwidth())  # once more at the end; the best is the limit
+    peaks = {}
+    if settings.memory:
+        progress("peak memory: one fresh process per configuration")
+        peaks = peak_rss_mb(configs, settings, prompt, gguf)
+
+    rows = []
+    for config in configs:
+        density = ffn_density(engine, prompt, config.keep)
+        weight_bytes = bytes_per_token(runners, config, density, gguf)
+        decode = _median(timings[config.name], "decode_tok_s")
+        limit = bandwidth / weight_bytes
+        rows.append({
+            "config": config.name,
+            "kind": config.kind,
+            "keep": config.keep,
+            "weights": "q4_1" if config.kind == "llamacpp" else config.weights,
+            "ffn_density": round(density, 4),
+            "decode_tok_s": round(decode, 2),
+            "prefill_tok_s": round(_median(timings[config.name], "prefill_tok_s"), 1),
+            "peak_rss_mb": peaks.get(config.name),
+            "weight_mb_per_token": round(weight_bytes / 1e6, 2),
+            "bandwidth_limit_tok_s": round(limit, 2),
+            "fraction_of_bandwidth_limit": round(decode / limit, 3),
+            "decode_tok_s_runs": [round(t.decode_tok_s, 2) for t in timings[config.name]],
+        })
+    hf = next(r["decode_tok_s"] for r in rows if r["kind"] == "hf")
+    llama = next((r["decode_tok_s"] for r in rows if r["kind"] == "llamacpp"), None)
+    for row in rows:
+        row["ratio_vs_hf"] = round(row["decode_tok_s"] / hf, 3)
+        row["ratio_vs_llamacpp"] = round(row["decode_tok_s"] / llama, 3) if llama else None
+
+    scaling = run_scaling(runners, settings, prompt, progress) if settings.scaling_tokens or settings.scaling_batches else {}
+    machine = {
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "torch": torch.__version__,
+    }
+    return BenchReport(
+        settings={**asdict(settings), "prompt_tokens": len(prompt)},
+        machine=machine,
+        rows=rows,
+        scaling=scaling,
+        goals=goals(rows, settings),
+    )
+
+
+def run_scaling(runners: Runners, settings: BenchSettings, prompt: list[int], progress=print) -> dict:
+    """Decode tok/s (all sequences together) of the dense lean path and CoreInfer at ``scaling_keep``."""
+    weights = settings.lean_weights()
+    configs = [
+        BenchConfig(f"lean_dense_{weights}", "lean", weights=weights),
+        BenchConfig(f"coreinfer_k{settings.scaling_keep:g}_{weights}", "lean", keep=settings.scaling_keep, weights=weights),
+    ]
+    out: dict = {"configs": [c.name for c in configs], "new_tokens": [], "batch": []}
+    for tokens in settings.scaling_tokens:
+        progress(f"scaling: {tokens} new tokens")
+        t = interleaved(runners, configs, prompt, tokens, settings.scaling_repeats)
+        out["new_tokens"].append({"new_tokens": tokens, "batch": 1, **{c: round(_median(t[c], "decode_tok_s"), 2) for c in t}})
+    for batch in settings.scaling_batches:
+        progress(f"scaling: batch {batch}")
+        t = interleaved(runners, configs, prompt, settings.max_new_tokens, settings.scaling_repeats, batch)
+        out["batch"].append({"batch": batch, "new_tokens": settings.max_new_tokens,
+                             **{c: round(_median(t[c], "decode_tok_s"), 2) for c in t}})
+    return out
+
+
+def goals(rows: list[dict], settings: BenchSettings) -> dict:
+    """Where the issue's three goals stand in this run."""
+    by_name = {r["config"]: r for r in rows}
+    dense = by_name.get("lean_dense_fp32")
+    keep04 = next((r for r in rows if r["kind"] == "lean" and r["keep"] == 0.4), None)
+    best = max((r for r in rows if r["kind"] == "lean" and r["keep"] is not None), key=lambda r: r["decode_tok_s"], default=None)
+    return {
+        "dense_fp32_fraction_of_limit (goal >= 0.8)": dense and dense["fraction_of_bandwidth_limit"],
+        "coreinfer_keep0.4_ratio_vs_hf (goal >= 2.0)": keep04 and keep04["ratio_vs_hf"],
+        "best_coreinfer_ratio_vs_llamacpp (stretch >= 1.0)": best and best["ratio_vs_llamacpp"],
+        "best_coreinfer_config": best and best["config"],
+    }
+
+
+# Output
+
+
+def markdown_table(report: BenchReport) -> str:
+    head = "| config | keep | weights | decode tok/s | × HF | × llama.cpp | prefill tok/s | peak RSS MB | MB/token | limit tok/s | of limit |"
+    lines = [head, "|" + "---|" * 11]
+    for r in report.rows:
+        llama = "" if r["ratio_vs_llamacpp"] is None else f"{r['ratio_vs_llamacpp']:.2f}"
+        lines.append(
+            f"| {r['config']} | {'' if r['keep'] is None else r['keep']} | {r['weights']} | {r['decode_tok_s']:.1f} "
+            f"| {r['ratio_vs_hf']:.2f} | {llama} | {r['prefill_tok_s']:.0f} | {r['peak_rss_mb'] or ''} "
+            f"| {r['weight_mb_per_token']:.0f} | {r['bandwidth_limit_tok_s']:.1f} | {r['fraction_of_bandwidth_limit']:.2f} |"
+        )
+    lines.append("")
+    lines.append(f"Read bandwidth {report.machine['read_bandwidth_gb_s']} GB/s, {report.machine['threads']} threads, "
+                 f"{report.settings['prompt_tokens']} prompt tokens, {report.settings['max_new_tokens']} new tokens, "
+                 f"median of {report.settings['repeats']} interleaved runs.")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["config"] for r in report.rows]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(names, [r["decode_tok_s"] for r in report.rows], label="decode tok/s")
+    ax.scatter(names, [r["bandwidth_limit_tok_s"] for r in report.rows], color="black", marker="_", s=400,
+               label="bandwidth limit", zorder=3)
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Decode speed (median), batch 1")
+    ax.tick_params(axis="x", rotation=35)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

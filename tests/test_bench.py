@@ -1,0 +1,59 @@
+"""coreinfer bench on a tiny model: the report's shape and its arithmetic (never its speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coreinfer import Engine
+from coreinfer.bench import BenchSettings, bar_chart, markdown_table, run_bench
+
+from conftest import prompts, tiny_model
+
+ROW_KEYS = {"config", "keep", "decode_tok_s", "prefill_tok_s", "peak_rss_mb", "ratio_vs_hf", "fraction_of_bandwidth_limit"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    engine = Engine(tiny_model("llama"), tokenizer=None)
+    settings = BenchSettings(
+        prompt=" ".join(map(str, prompts((9,))[0])), max_new_tokens=4, repeats=2, keeps=(1.0, 0.4), weights="bf16",
+        memory=False, scaling_tokens=(3, 5), scaling_batches=(1, 2), scaling_repeats=1,
+    )
+    return run_bench(engine, tiny_model("llama"), settings, progress=lambda _: None)
+
+
+def test_rows_name_every_configuration(report):
+    names = [r["config"] for r in report.rows]
+    assert names == ["hf_dense", "engine_dense", "lean_dense_fp32", "lean_dense_bf16", "coreinfer_k1_bf16", "coreinfer_k0.4_bf16"]
+    for row in report.rows:
+        assert ROW_KEYS <= set(row)
+        assert len(row["decode_tok_s_runs"]) == 2
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+
+
+def test_ratios_and_limits_are_consistent(report):
+    hf = report.rows[0]
+    assert hf["ratio_vs_hf"] == 1.0
+    for row in report.rows:
+        assert row["ratio_vs_hf"] == pytest.approx(row["decode_tok_s"] / hf["decode_tok_s"], rel=0.01)
+        assert row["fraction_of_bandwidth_limit"] == pytest.approx(row["decode_tok_s"] / row["bandwidth_limit_tok_s"], rel=0.01, abs=1e-3)
+    by_name = {r["config"]: r for r in report.rows}
+    assert by_name["lean_dense_bf16"]["weight_mb_per_token"] == pytest.approx(by_name["lean_dense_fp32"]["weight_mb_per_token"] / 2, rel=0.01)
+    assert by_name["coreinfer_k0.4_bf16"]["ffn_density"] < 1.0
+
+
+def test_scaling_covers_tokens_and_batches(report):
+    assert [e["new_tokens"] for e in report.scaling["new_tokens"]] == [3, 5]
+    assert [e["batch"] for e in report.scaling["batch"]] == [1, 2]
+    for entry in report.scaling["batch"]:
+        assert all(entry[c] > 0 for c in report.scaling["configs"])
+
+
+def test_outputs_write(report, tmp_path):
+    json.dumps(report.to_dict())
+    table = markdown_table(report)
+    assert all(r["config"] in table for r in report.rows)
+    bar_chart(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
