@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from coreinfer.adaptive import calibrate
+
 from coreinfer import Engine
 from coreinfer.bench import BenchSettings, bar_chart, markdown_table, run_bench
 
@@ -17,6 +19,7 @@ ROW_KEYS = {"config", "keep", "decode_tok_s", "prefill_tok_s", "peak_rss_mb", "r
 @pytest.fixture(scope="module")
 def report():
     engine = Engine(tiny_model("llama"), tokenizer=None)
+    engine._calibration = calibrate(engine, prompts((8, 6), seed=3), prompts((5, 5), seed=4), progress=False)
     settings = BenchSettings(
         prompt=" ".join(map(str, prompts((9,))[0])), max_new_tokens=4, repeats=2, keeps=(1.0, 0.4), weights="bf16",
         memory=False, scaling_tokens=(3, 5), scaling_batches=(1, 2), scaling_repeats=1,
@@ -26,7 +29,8 @@ def report():
 
 def test_rows_name_every_configuration(report):
     names = [r["config"] for r in report.rows]
-    assert names == ["hf_dense", "engine_dense", "lean_dense_fp32", "lean_dense_bf16", "coreinfer_k1_bf16", "coreinfer_k0.4_bf16"]
+    assert names == ["hf_dense", "engine_dense", "lean_dense_fp32", "lean_dense_bf16", "coreinfer_k1_bf16", "coreinfer_k0.4_bf16",
+                     "adaptive_k0.6_bf16", "coreinfer_k0.4_fp32"]
     for row in report.rows:
         assert ROW_KEYS <= set(row)
         assert len(row["decode_tok_s_runs"]) == 2

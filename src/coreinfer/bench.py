@@ -47,6 +47,10 @@ class BenchConfig:
     kind: str
     keep: Optional[float] = None
     weights: str = "fp32"
+    rule: str = "coreinfer"
+
+    def sparsity(self) -> Optional[SparsityConfig]:
+        return None if self.keep is None else SparsityConfig(keep=self.keep, rule=self.rule)
 
 
 @dataclass
@@ -79,6 +83,10 @@ def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchC
     if weights != "fp32":
         configs.append(BenchConfig(f"lean_dense_{weights}", "lean", weights=weights))
     configs += [BenchConfig(f"coreinfer_k{k:g}_{weights}", "lean", keep=k, weights=weights) for k in settings.keeps]
+    # The project's default rule, and the published rule in fp32 (sparsity alone, no quantisation).
+    configs.append(BenchConfig(f"adaptive_k0.6_{weights}", "lean", keep=0.6, weights=weights, rule="adaptive"))
+    if weights != "fp32":
+        configs.append(BenchConfig("coreinfer_k0.4_fp32", "lean", keep=0.4, weights="fp32"))
     if with_llamacpp:
         configs.append(BenchConfig("llamacpp", "llamacpp"))
     return configs
@@ -170,7 +178,7 @@ class Runners:
         return _timing(results, batch)
 
     def _run_lean(self, config, prompt, new_tokens, batch) -> Timing:
-        sparsity = None if config.keep is None else SparsityConfig(keep=config.keep)
+        sparsity = config.sparsity()
         model = self.lean_model(config.weights)
         results = lean_generate(
             self.engine, model, [prompt] * batch, sparsity, SamplingConfig(max_new_tokens=new_tokens), ignore_eos=True
@@ -222,10 +230,10 @@ def bytes_per_token(runners: Runners, config: BenchConfig, ffn_density: float, g
     return runners.lean_model(weights).weight_bytes_per_token(ffn_density)
 
 
-def ffn_density(engine: Engine, prompt: list[int], keep: Optional[float]) -> float:
-    if keep is None:
+def ffn_density(engine: Engine, prompt: list[int], sparsity: Optional[SparsityConfig]) -> float:
+    if sparsity is None:
         return 1.0
-    result = engine.generate_ids([prompt], SparsityConfig(keep=keep), SamplingConfig(max_new_tokens=1))[0]
+    result = engine.generate_ids([prompt], sparsity, SamplingConfig(max_new_tokens=1))[0]
     return result.ffn_density
 
 
@@ -315,7 +323,7 @@ def run_bench(
 
     rows = []
     for config in configs:
-        density = ffn_density(engine, prompt, config.keep)
+        density = ffn_density(engine, prompt, config.sparsity())
         weight_bytes = bytes_per_token(runners, config, density, gguf)
         decode = _median(timings[config.name], "decode_tok_s")
         limit = bandwidth / weight_bytes
@@ -323,6 +331,7 @@ def run_bench(
             "config": config.name,
             "kind": config.kind,
             "keep": config.keep,
+            "rule": config.rule if config.keep is not None else None,
             "weights": "q4_1" if config.kind == "llamacpp" else config.weights,
             "ffn_density": round(density, 4),
             "decode_tok_s": round(decode, 2),

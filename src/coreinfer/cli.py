@@ -41,9 +41,9 @@ def _read_prompt(prompt: Optional[str]) -> str:
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or nothing reads standard input."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    keep: float = typer.Option(0.4, help="Fraction of each sparse layer's FFN neurons kept, in (0, 1]."),
+    keep: float = typer.Option(0.6, help="Fraction of FFN neurons kept, in (0, 1]: per sparse layer, or for 'adaptive' the FFN density over all layers."),
     alpha: float = typer.Option(0.2, help="Token-wise fraction of positive activations counted as core, in (0, 1]."),
-    rule: str = typer.Option("coreinfer", help="Selection rule: coreinfer, official, magnitude, griffin, random, or adaptive (calibrated per-layer budgets; keep = FFN density target)."),
+    rule: str = typer.Option("adaptive", help="Selection rule: adaptive (calibrated dense layers + even budget, mass ranking), coreinfer (the paper's Eq. 1-2), official, magnitude, griffin or random."),
     dense: bool = typer.Option(False, "--dense", help="Decode densely (the baseline)."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -103,9 +103,9 @@ def serve(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only."),
     port: int = typer.Option(8000, min=0, max=65535),
-    keep: float = typer.Option(0.4, help="Default keep for requests that give none."),
+    keep: float = typer.Option(0.6, help="Default keep for requests that give none."),
     alpha: float = typer.Option(0.2, help="Default alpha for requests that give none."),
-    rule: str = typer.Option("coreinfer", help="Default selection rule: coreinfer, official or magnitude."),
+    rule: str = typer.Option("adaptive", help="Default selection rule (see generate --help)."),
     max_tokens: int = typer.Option(256, min=1, help="Default max_tokens for requests that give none."),
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
@@ -133,7 +133,7 @@ def serve(
 @app.command()
 def quality(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. Default: coreinfer."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. Default: adaptive."),
     keep: list[float] = typer.Option([0.2, 0.4, 0.6, 0.8], help="Keep fraction (repeatable)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
     sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),
@@ -161,7 +161,7 @@ def quality(
 
     torch.manual_seed(0)
     try:
-        configs = q.sweep(rule or ["coreinfer"], keep, alpha)
+        configs = q.sweep(rule or ["adaptive"], keep, alpha)
         engine = load(model, device=device)
         if data is not None:
             evalsets = [q.jsonl_set(engine, data, data_items, chat, calibration)]

@@ -382,7 +382,7 @@ class Engine:
         from .adaptive import DEFAULT_PRIOR_WEIGHT, AdaptiveSelector, allocate_budgets
 
         calibration = self.calibration()
-        keeps = allocate_budgets(calibration.levels, calibration.sensitivity, density)
+        keeps = allocate_budgets(calibration.sensitivity, density)
         weight = DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight
         return AdaptiveSelector(tuple(keeps), calibration.prior, weight)
 

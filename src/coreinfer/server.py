@@ -38,9 +38,9 @@ SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired i
 class ServerSettings:
     """Server-side defaults (used when a request leaves a field out) and limits."""
 
-    keep: float = 0.4
+    keep: float = 0.6
     alpha: float = 0.2
-    rule: str = "coreinfer"
+    rule: str = "adaptive"
     max_tokens: int = 256  # default completion length
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 4096
