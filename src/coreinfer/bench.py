@@ -15,14 +15,13 @@ Method (one run, one machine):
   caches) divided by the bytes of weights one decode step reads (dense or at
   its FFN density; the LM head included);
 - peak memory: each configuration is loaded and run once in a fresh
-  subprocess (spawned, not forked), which reports its own ``ru_maxrss``. It
+  subprocess (spawned, not forked), which reports its own peak (``VmHWM``). It
   therefore includes the Python runtime, torch and every weight copy that
   configuration needs (the lean path keeps the HF model for prefill).
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from .engine import Engine, SamplingConfig, SparsityConfig
+from .offload_bench import peak_rss_mb as process_peak_rss_mb
 from .fast_decode import LeanModel, bf16_supported, lean_generate
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -252,7 +252,7 @@ def _peak_rss_child(config: BenchConfig, settings: BenchSettings, prompt: list[i
     else:
         runners = Runners(load(settings.model, device="cpu"), None, None)
     runners.run(config, prompt, settings.max_new_tokens)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return process_peak_rss_mb()
 
 
 def peak_rss_mb(

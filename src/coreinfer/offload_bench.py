@@ -38,7 +38,19 @@ class RunSpec:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set since it was started.
+
+    Linux's ``VmHWM`` belongs to the address space, which ``exec`` replaces;
+    ``ru_maxrss`` survives ``exec``, so a child started from a large parent
+    would report at least the parent's peak. ``ru_maxrss`` is the fallback
+    elsewhere (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak / 1024
 
