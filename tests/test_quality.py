@@ -180,3 +180,16 @@ def test_adaptive_rule_in_the_harness_meets_its_density_target(llama):
     by_keep = {r["keep"]: r for r in rows if r["rule"] == "adaptive"}
     assert by_keep[0.5]["ffn_density"] <= 0.5 + 1e-6 and by_keep[0.5]["agreement"] < 1.0
     assert by_keep[1.0]["agreement"] == 1.0 and by_keep[1.0]["kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_headline_table_puts_each_rule_on_one_line():
+    from coreinfer.quality import headline_table
+
+    rows = [
+        {"set": "s", "rule": "dense", "keep": 1.0, "ppl": 5.0, "dense_ppl": 5.0, "agreement": 1.0, "ffn_density": 1.0},
+        {"set": "s", "rule": "magnitude", "keep": 0.4, "ppl": 9.5, "dense_ppl": 5.0, "agreement": 0.5, "ffn_density": 0.56},
+        {"set": "s", "rule": "magnitude", "keep": 0.6, "ppl": 7.25, "dense_ppl": 5.0, "agreement": 0.7, "ffn_density": 0.71},
+    ]
+    lines = headline_table(rows).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| s (5.00) | magnitude | 9.50 / 0.500 @ 0.56 | 7.25 / 0.700 @ 0.71 |"

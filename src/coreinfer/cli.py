@@ -180,7 +180,7 @@ def quality(
     for evalset in evalsets:
         rows += q.evaluate(engine, evalset, configs)
     report = {"model": engine.name, "rows": rows}
-    text = q.markdown_table(rows)
+    text = q.headline_table(rows) + "\n\nEvery row:\n\n" + q.markdown_table(rows)
     if generation:
         gen_set = q.gsm8k_set(engine, generation, 1, calibration)
         gen_rows = q.generation_quality(

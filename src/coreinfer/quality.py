@@ -405,6 +405,27 @@ def generation_quality(
 # Reports
 
 
+def headline_table(rows: Sequence[dict]) -> str:
+    """One line per (set, rule): 'ppl / agreement @ density' at each keep, dense ppl in the header."""
+    keeps = sorted({r["keep"] for r in rows if r["rule"] != DENSE})
+    lines = [
+        "| set (dense ppl) | rule | " + " | ".join(f"keep {k:g}: ppl / agr. @ density" for k in keeps) + " |",
+        "|---|---|" + "---|" * len(keeps),
+    ]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        of_set = [r for r in rows if r["set"] == name]
+        dense_ppl = of_set[0]["dense_ppl"]
+        for rule in dict.fromkeys(r["rule"] for r in of_set if r["rule"] != DENSE):
+            cells = []
+            for keep in keeps:
+                hit = [r for r in of_set if r["rule"] == rule and r["keep"] == keep]
+                cells.append(
+                    f"{hit[0]['ppl']:.2f} / {hit[0]['agreement']:.3f} @ {hit[0]['ffn_density']:.2f}" if hit else ""
+                )
+            lines.append(f"| {name} ({dense_ppl:.2f}) | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     lines = [
         "| set | rule | keep | α | FFN density | ppl | dense ppl | agreement | KL |",
