@@ -59,7 +59,13 @@ def test_fast_path_equals_continuation_logits(llama, rule):
 
 
 def test_keep_one_matches_dense(tiny_engine):
-    evalset = EvalSet("tiny", _items(), _items(2, seed=7))
+    from coreinfer.adaptive import calibrate
+
+    calibration_items = _items(2, seed=7)
+    tiny_engine._calibration = calibrate(
+        tiny_engine, [i.prompt for i in calibration_items], [i.continuation for i in calibration_items], (0.3,), progress=False
+    )
+    evalset = EvalSet("tiny", _items(), calibration_items)
     configs = [Config(rule, 1.0, 0.2 if rule in ("coreinfer", "official", "magnitude") else None) for rule in ALL_RULES]
     rows = evaluate(tiny_engine, evalset, configs, progress=False)
     for row in rows:
