@@ -56,3 +56,16 @@ def test_batch_of_text_prompts_equals_singles(real_engine):
     batch = real_engine.generate(prompts, sparsity, sampling)
     singles = [real_engine.generate(p, sparsity, sampling) for p in prompts]
     assert [r.token_ids for r in batch] == [r.token_ids for r in singles]
+
+
+def test_default_model_uses_the_shipped_calibration(real_engine, monkeypatch, tmp_path):
+    from coreinfer.adaptive import model_fingerprint, shipped_calibration_dir
+
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))  # nothing cached: must come from the package
+    real_engine._calibration = None
+    calibration = real_engine.calibration(progress=False)
+    assert shipped_calibration_dir(model_fingerprint(real_engine)).is_dir()
+    assert calibration.model == model_fingerprint(real_engine)
+    assert not list(tmp_path.iterdir())  # nothing was recalibrated
+    result = real_engine.generate(PROMPT, SparsityConfig(rule="adaptive", keep=0.6), SamplingConfig(max_new_tokens=8))
+    assert result.ffn_density == pytest.approx(0.6, abs=0.002)

@@ -157,10 +157,23 @@ def shipped_calibration_dir(fingerprint: str) -> Path:
 
 
 def model_fingerprint(engine: "Engine") -> str:
-    """Name plus a hash of the config and FFN shapes: a calibration fits only its own model."""
-    shapes = [tuple(f.weights.up.shape) for f in engine.ffns]
-    text = engine.model.config.to_json_string(use_diff=False) + repr(shapes)
-    return f"{engine.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    """Name plus a hash of the architecture and a checksum of the weights.
+
+    Not the whole config: it carries the transformers version, which must not
+    invalidate a calibration. A weight checksum tells apart fine-tunes that
+    share a name and shapes.
+    """
+    config = engine.model.config
+    first = engine.ffns[0].weights.up
+    identity = {
+        "model_type": config.model_type,
+        "layers": engine.num_layers,
+        "vocab": getattr(config, "vocab_size", None),
+        "ffn_shapes": [list(f.weights.up.shape) for f in engine.ffns],
+        "checksum": f"{float(first.detach().double().abs().sum()):.6e}",
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{engine.name}-{digest}"
 
 
 def calibration_prompts(engine: "Engine", max_new_tokens: int = 64) -> tuple[list[list[int]], list[list[int]]]:
