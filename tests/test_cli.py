@@ -43,3 +43,19 @@ def test_bad_input_gives_a_clear_error(args, message):
     result = runner.invoke(app, args, input="")
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.real_model
+def test_fast_flag_gives_the_reference_tokens_in_fp32(real_engine):
+    args = ["generate", "What is 2+2?", "--json", "--max-new-tokens", "8", "--rule", "coreinfer", "--keep", "0.6"]
+    reference = json.loads(runner.invoke(app, args).stdout)
+    fast = runner.invoke(app, [*args, "--fast", "fp32"])
+    assert fast.exit_code == 0, fast.output
+    payload = json.loads(fast.stdout)
+    assert payload["text"] == reference["text"] and payload["ffn_density"] == reference["ffn_density"]
+
+
+@pytest.mark.real_model
+def test_fast_flag_rejects_an_unknown_weight_format(real_engine):
+    result = runner.invoke(app, ["generate", "hi", "--fast", "fp8"], input="")
+    assert result.exit_code == 2 and "weights must be one of" in result.output

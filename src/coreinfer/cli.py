@@ -59,6 +59,9 @@ def generate(
     method: str = typer.Option("stability", help="stability (the prompt's own core neurons) or similarity (--clusters)."),
     clusters: Optional[str] = typer.Option(None, help="Cluster directory from `coreinfer cluster` (for --method similarity)."),
     own_share: float = typer.Option(0.0, help="similarity: share of the kept neurons taken from the prompt's own set."),
+    fast: Optional[str] = typer.Option(
+        None, help="Decode with the lean path in this weight format: fp32 (same tokens), bf16 or int8. Llama, Mistral, Qwen2; no streaming or stop strings."
+    ),
 ) -> None:
     """Generate a completion, streaming it to standard output."""
     from .engine import SamplingConfig, SparsityConfig, load
@@ -79,7 +82,16 @@ def generate(
 
     try:
         ids = [engine.encode(text, chat)]
-        result = engine.generate_ids(ids, sparsity, sampling, None if as_json else show, selector=selector)[0]
+        if fast is not None:
+            if selector is not None:
+                raise ValueError("--fast does not take --method similarity")
+            from .fast_decode import LeanModel, lean_generate
+
+            result = lean_generate(engine, LeanModel(engine.model, fast), ids, sparsity, sampling)[0]
+            if not as_json:
+                sys.stdout.write(result.text)
+        else:
+            result = engine.generate_ids(ids, sparsity, sampling, None if as_json else show, selector=selector)[0]
     except ValueError as err:
         _fail(str(err))
     if as_json:
