@@ -23,14 +23,13 @@ def test_stability_matches_selecting_each_prefix_directly():
     result = stability_overlaps(engine, [window], sparsity, (8, 16), (8,))
     # the same numbers from two separate prefills per prefix
     from coreinfer.analysis import ActivationRecorder
-    from coreinfer.predictors.similarity import prefill_with
 
     expected = {}
     for n in (8, 16):
         sets = []
         for length in (n, n + 8):
             rec = ActivationRecorder("coreinfer", 0.5, 0.2)
-            prefill_with(engine, [window[:length]], sparsity, rec)
+            engine.core_neurons([window[:length]], sparsity, rec)
             sets.append({l: select_coreinfer(a, 0.5, 0.2) for l, a in rec.acts.items()})
         expected[str(n)] = sum(overlap(sets[0][l], sets[1][l]) for l in (1, 2)) / 2
     assert result["+8"] == pytest.approx(expected, abs=1e-4)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .predictors.similarity import binary_features, prefill_with, record_core_sets
+from .predictors.similarity import binary_features, record_core_sets
 from .selection import get_rule, sentence_core, token_core_mask, token_core_mask_magnitude
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def stability_overlaps(
         if len(window) < max(prefix_lengths) + max(extensions):
             raise ValueError("a window is shorter than the longest prefix plus the longest extension")
         recorder = ActivationRecorder(sparsity.rule, sparsity.keep, sparsity.alpha)
-        prefill_with(engine, [window], sparsity, recorder)
+        engine.core_neurons([window], sparsity, recorder)
         for layer, acts in recorder.acts.items():
             mask = token_mask(acts, sparsity.alpha)  # per token, so a prefix's mask is its first rows
             core = {n: sentence_core(mask[:n], acts[:n], sparsity.keep) for n in _needed(prefix_lengths, extensions)}

@@ -92,14 +92,6 @@ class CoreSetRecorder:
         return chosen
 
 
-def prefill_with(engine: "Engine", prompts: Sequence[Sequence[int]], sparsity: "SparsityConfig", selector) -> None:
-    """Run only the dense prefill of ``prompts`` with ``selector`` choosing (no decoding, no compaction)."""
-    with torch.inference_mode(), engine.lock:
-        ids, mask = engine._left_pad(prompts)
-        session = engine.new_session(sparsity, mask, selector)
-        engine.prefill(ids, mask, session)
-
-
 def record_core_sets(
     engine: "Engine",
     prompts: Sequence[Sequence[int]],
@@ -115,7 +107,7 @@ def record_core_sets(
     # Similar lengths together: less padding, same results (each sequence selects from its own tokens).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-        prefill_with(engine, [prompts[i] for i in order[start : start + batch_size]], sparsity, recorder)
+        engine.core_neurons([prompts[i] for i in order[start : start + batch_size]], sparsity, recorder)
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))
     for store in (recorder.sets, recorder.freqs):
