@@ -9,7 +9,8 @@ import pytest
 from coreinfer.adaptive import calibrate
 
 from coreinfer import Engine
-from coreinfer.bench import BenchSettings, bar_chart, markdown_table, run_bench
+from coreinfer.bench import BenchSettings, markdown_table, run_bench, speed_quality_plot, token_agreement
+from coreinfer.quality import Item
 
 from conftest import prompts, tiny_model
 
@@ -24,13 +25,14 @@ def report():
         prompt=" ".join(map(str, prompts((9,))[0])), max_new_tokens=4, repeats=2, keeps=(1.0, 0.4), weights="bf16",
         memory=False, scaling_tokens=(3, 5), scaling_batches=(1, 2), scaling_repeats=1,
     )
-    return run_bench(engine, tiny_model("llama"), settings, progress=lambda _: None)
+    items = [Item(tuple(p), tuple(c)) for p, c in zip(prompts((7, 9), seed=5), prompts((6, 6), seed=6))]
+    return run_bench(engine, tiny_model("llama"), settings, progress=lambda _: None, items=items)
 
 
 def test_rows_name_every_configuration(report):
     names = [r["config"] for r in report.rows]
-    assert names == ["hf_dense", "engine_dense", "lean_dense_fp32", "lean_dense_bf16", "coreinfer_k1_bf16", "coreinfer_k0.4_bf16",
-                     "adaptive_k0.6_bf16", "coreinfer_k0.4_fp32"]
+    assert names == ["hf_dense", "reference_dense", "lean_dense_fp32", "lean_dense_bf16", "default_adaptive0.6_bf16",
+                     "coreinfer_k1_bf16", "coreinfer_k0.4_bf16", "coreinfer_k0.4_fp32"]
     for row in report.rows:
         assert ROW_KEYS <= set(row)
         assert len(row["decode_tok_s_runs"]) == 2
@@ -55,9 +57,26 @@ def test_scaling_covers_tokens_and_batches(report):
         assert all(entry[c] > 0 for c in report.scaling["configs"])
 
 
+def test_every_row_carries_its_quality(report):
+    by_name = {r["config"]: r for r in report.rows}
+    # HF generate, the reference backend and lean fp32 are the same dense fp32 model: full agreement.
+    for name in ("hf_dense", "reference_dense", "lean_dense_fp32"):
+        assert by_name[name]["greedy_agreement"] == 1.0 and by_name[name]["forced_agreement"] == 1.0
+    for row in report.rows:
+        assert 0.0 <= row["forced_agreement"] <= 1.0
+    sparse = by_name["coreinfer_k0.4_bf16"]
+    assert sparse["forced_agreement"] < 1.0 and "predicted_agreement" in sparse and "flagged" in sparse
+    assert by_name["coreinfer_k0.4_fp32"]["predicted_agreement"] == by_name["coreinfer_k0.4_fp32"]["forced_agreement"]
+
+
+def test_token_agreement_counts_positions():
+    assert token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert token_agreement([], [1]) == 0.0
+
+
 def test_outputs_write(report, tmp_path):
     json.dumps(report.to_dict())
     table = markdown_table(report)
     assert all(r["config"] in table for r in report.rows)
-    bar_chart(report, tmp_path / "bench.png")
+    speed_quality_plot(report, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -46,16 +46,28 @@ def test_bad_input_gives_a_clear_error(args, message):
 
 
 @pytest.mark.real_model
-def test_fast_flag_gives_the_reference_tokens_in_fp32(real_engine):
+def test_lean_fp32_gives_the_reference_tokens(real_engine):
     args = ["generate", "What is 2+2?", "--json", "--max-new-tokens", "8", "--rule", "coreinfer", "--keep", "0.6"]
-    reference = json.loads(runner.invoke(app, args).stdout)
-    fast = runner.invoke(app, [*args, "--fast", "fp32"])
-    assert fast.exit_code == 0, fast.output
-    payload = json.loads(fast.stdout)
-    assert payload["text"] == reference["text"] and payload["ffn_density"] == reference["ffn_density"]
+    reference = json.loads(runner.invoke(app, [*args, "--backend", "reference"]).stdout)
+    assert reference["backend"] == "reference"
+    for extra in (["--backend", "lean", "--weights", "fp32"], ["--fast", "fp32"]):  # --fast is an alias
+        fast = runner.invoke(app, [*args, *extra])
+        assert fast.exit_code == 0, fast.output
+        payload = json.loads(fast.stdout)
+        assert (payload["backend"], payload["weights"]) == ("lean", "fp32")
+        assert payload["text"] == reference["text"] and payload["ffn_density"] == reference["ffn_density"]
 
 
 @pytest.mark.real_model
-def test_fast_flag_rejects_an_unknown_weight_format(real_engine):
-    result = runner.invoke(app, ["generate", "hi", "--fast", "fp8"], input="")
-    assert result.exit_code == 2 and "weights must be one of" in result.output
+def test_default_runs_the_lean_backend(real_engine):
+    result = runner.invoke(app, ["generate", "Name a colour.", "--json", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["backend"] == "lean" and payload["weights"] in ("int8", "fp32")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("extra", [["--fast", "fp8"], ["--weights", "fp8"], ["--backend", "fast"]])
+def test_unknown_backend_or_weights_is_refused(real_engine, extra):
+    result = runner.invoke(app, ["generate", "hi", *extra], input="")
+    assert result.exit_code == 2 and ("weights must be one of" in result.output or "backend must be one of" in result.output)

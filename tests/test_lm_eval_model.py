@@ -30,7 +30,7 @@ def _requests():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_keep_one_equals_dense(batch_size):
     model = tiny_model("llama")
-    lm = CoreInferLM(engine=Engine(model, name="tiny"), keep=1.0, batch_size=batch_size)
+    lm = CoreInferLM(engine=Engine(model, name="tiny", weights="fp32"), keep=1.0, batch_size=batch_size)
     got = lm._loglikelihood_tokens(_requests(), disable_tqdm=True)
     for (_, ctx, cont), (score, greedy) in zip(_requests(), got):
         ref_score, ref_greedy = _dense_loglikelihood(model, ctx, cont)
@@ -40,7 +40,7 @@ def test_keep_one_equals_dense(batch_size):
 
 def test_sparse_scores_differ_and_dense_flag():
     model = tiny_model("llama")
-    engine = Engine(model, name="tiny")
+    engine = Engine(model, name="tiny", weights="fp32")
     sparse = CoreInferLM(engine=engine, keep=0.2, rule="magnitude")._loglikelihood_tokens(_requests(), disable_tqdm=True)
     dense = CoreInferLM(engine=engine, dense=True)._loglikelihood_tokens(_requests(), disable_tqdm=True)
     for (_, ctx, cont), (d, _), (s, _) in zip(_requests(), dense, sparse):

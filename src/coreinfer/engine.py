@@ -16,68 +16,41 @@ queue on it.
 
 from __future__ import annotations
 
-import inspect
 import threading
-import time
+import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
+from . import adaptive
 from .adapters import wrap_model
-from .loading import load_model_and_tokenizer, model_identity, resolve_model_path
-from .selection import check_fraction, default_sparse_layers, get_rule
+from .config import SELECTOR_RULES, SamplingConfig, SparsityConfig
+from .decode import loop
+from .decode.lean import SUPPORTED_TYPES as LEAN_TYPES
+from .decode.lean import LeanBackend, LeanModel
+from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
+from .decode.reference import ReferenceBackend
+from .decode.weights import check_weights, default_weights
+from .loading import cache_root
+from .selection import get_rule
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 
+BACKENDS = ("auto", "lean", "reference")
 
-# Rules that need more than one prompt's activations (a per-model calibration):
-# the engine builds their selector. For them ``keep`` is the FFN density to aim
-# for, averaged over all layers, and they choose which layers are sparse.
-SELECTOR_RULES = ("adaptive",)
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """What to keep. ``layers=None`` means all but roughly the first and last 15 %."""
-
-    keep: float = 0.4
-    alpha: float = 0.2
-    rule: str = "coreinfer"
-    layers: Optional[tuple[int, ...]] = None
-
-    def __post_init__(self) -> None:
-        check_fraction("keep", self.keep)
-        check_fraction("alpha", self.alpha)
-        if self.rule not in SELECTOR_RULES:
-            get_rule(self.rule)
-
-    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
-        if self.layers is None:
-            return default_sparse_layers(num_layers)
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"sparse layers {bad} out of range for a model with {num_layers} layers")
-        return tuple(sorted(set(self.layers)))
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Decoding settings. ``temperature=0`` is greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+__all__ = [
+    "BACKENDS",
+    "Engine",
+    "GenerationResult",
+    "RuleSelector",
+    "SamplingConfig",
+    "Selector",
+    "SparseSession",
+    "SparsityConfig",
+    "TokenEvent",
+    "sample_next",
+]
 
 
 class Selector(Protocol):
@@ -186,92 +159,31 @@ class SparseSession:
         return sum(fractions) / len(fractions)
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    new_tokens: int
-    finish_reason: str  # "eos", "stop" or "length"
-    prefill_s: float = 0.0
-    select_s: float = 0.0
-    decode_s: float = 0.0
-    ffn_density: float = 1.0
-    keep: Optional[float] = None
-
-    @property
-    def decode_tok_s(self) -> float:
-        """Tokens per second after the first (which comes from the prefill logits)."""
-        steps = self.new_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "finish_reason": self.finish_reason,
-            "prefill_s": round(self.prefill_s, 5),
-            "select_s": round(self.select_s, 5),
-            "decode_s": round(self.decode_s, 5),
-            "decode_tok_s": round(self.decode_tok_s, 3),
-            "keep": self.keep,
-            "ffn_density": round(self.ffn_density, 5),
-        }
-
-
-@dataclass
-class TokenEvent:
-    """One generated token of one sequence, as streaming callers see it."""
-
-    index: int
-    token_id: int
-    text: str  # new text since the previous event of this sequence
-    finished: bool
-
-
-@dataclass
-class _Sequence:
-    """Decoding state of one sequence of a batch."""
-
-    prompt_len: int
-    generator: Optional[torch.Generator]
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None
-
-
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: Optional[torch.Generator]) -> int:
-    """Pick the next token from one row of logits ``[V]``: greedy, or temperature + top-p."""
-    if sampling.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, -1) - sorted_probs > sampling.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Engine:
     """A causal LM wrapped for CoreInfer decoding.
 
     >>> engine = coreinfer.load()                       # default model
     >>> engine.generate("Why is the sky blue?", sparsity=SparsityConfig(keep=0.4))
+
+    ``backend`` chooses how tokens are decoded: ``"lean"`` (fused weights, static
+    cache; Llama, Mistral, Qwen2), ``"reference"`` (the HF modules, any family),
+    or ``"auto"``: lean where it applies. ``weights`` is the lean backend's weight
+    format, ``"auto"`` meaning ``decode.weights.default_weights`` for the device.
     """
 
-    def __init__(self, model, tokenizer=None, name: str = "model"):
+    def __init__(self, model, tokenizer=None, name: str = "model", backend: str = "auto", weights: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if weights != "auto":
+            check_weights(weights)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.ffns = wrap_model(model)
         self.lock = threading.RLock()  # re-entrant: calibration runs inside a request
+        self.backend_name = backend
+        self.weights = weights
+        self._lean: dict[str, LeanBackend] = {}
         self._calibration = None
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -283,6 +195,49 @@ class Engine:
     @property
     def num_layers(self) -> int:
         return len(self.ffns)
+
+    # Backends
+
+    def lean_supported(self) -> bool:
+        return self.model.config.model_type in LEAN_TYPES
+
+    def backend(
+        self, name: Optional[str] = None, weights: Optional[str] = None, masked: bool = False, length: int = 0
+    ) -> DecodeBackend:
+        """The decode backend a request runs on: ``name``/``weights`` override the engine's defaults.
+
+        ``length`` (prompt + answer tokens) lets ``auto`` fall back to the reference
+        backend where the lean one cannot go (sliding windows past their span).
+        """
+        name = "reference" if masked else name or self.backend_name
+        weights = weights or self.weights
+        if name == "auto":
+            # Auto may fall back to the reference backend, which runs the model's own weights.
+            lean_fits = self.lean_supported() and length <= self._lean_backend(weights).max_length
+            return self._lean_backend(weights) if lean_fits else ReferenceBackend(self)
+        if name == "reference":
+            own = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.model.dtype)
+            if weights not in ("auto", "model", own):
+                raise ValueError(
+                    f"the reference backend runs the model's own weights; weights={weights!r} needs backend='lean'"
+                )
+            return ReferenceBackend(self, masked=masked)
+        if name != "lean":
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+        if not self.lean_supported():
+            raise ValueError(
+                f"the lean backend supports {', '.join(LEAN_TYPES)}, not {self.model.config.model_type}; "
+                "use backend='reference'"
+            )
+        return self._lean_backend(weights)
+
+    def _lean_backend(self, weights: str) -> LeanBackend:
+        if weights in ("auto", "model"):
+            weights = default_weights(self.device)
+        check_weights(weights)
+        if weights not in self._lean:
+            self._lean[weights] = LeanBackend(LeanModel(self.model, weights))
+        return self._lean[weights]
 
     def eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -337,7 +292,8 @@ class Engine:
 
     # Batched forward passes
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``[B, T]``, prompts aligned to the right."""
         if not prompts:
             raise ValueError("no prompts given")
         if any(len(p) == 0 for p in prompts):
@@ -377,35 +333,30 @@ class Engine:
             sparsity = replace(sparsity, layers=selector.sparse_layers())
         return SparseSession(sparsity, self.ffns, mask, selector)
 
-    def adaptive_selector(self, density: float, prior_weight: Optional[float] = None):
+    def adaptive_selector(self, density: float, prior_weight: Optional[float] = None) -> adaptive.AdaptiveSelector:
         """The calibrated adaptive selector for an FFN density target (calibrating on first use)."""
-        from .adaptive import DEFAULT_PRIOR_WEIGHT, AdaptiveSelector, allocate_budgets
-
         calibration = self.calibration()
-        keeps = allocate_budgets(calibration.sensitivity, density)
-        weight = DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight
-        return AdaptiveSelector(tuple(keeps), calibration.prior, weight)
+        keeps = adaptive.allocate_budgets(calibration.sensitivity, density)
+        weight = adaptive.DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight
+        return adaptive.AdaptiveSelector(tuple(keeps), calibration.prior, weight)
 
-    def calibration(self, prompts=None, continuations=None, progress: bool = True):
+    def calibration(self, prompts=None, continuations=None, progress: bool = True) -> adaptive.Calibration:
         """This model's adaptive calibration: loaded from the cache, else measured once and stored.
 
         ``prompts``/``continuations`` (token ids) replace the built-in calibration text.
         """
         if self._calibration is None:
-            from .adaptive import Calibration, calibrate, model_fingerprint, shipped_calibration_dir
-            from .loading import cache_root
-
-            fingerprint = model_fingerprint(self)
+            fingerprint = adaptive.model_fingerprint(self)
             directory = cache_root() / "calibration" / fingerprint
             # The default model's calibration ships with the package, so its first use is instant.
-            for candidate in (directory, shipped_calibration_dir(fingerprint)):
+            for candidate in (directory, adaptive.shipped_calibration_dir(fingerprint)):
                 try:
-                    self._calibration = Calibration.load(candidate, expect_model=fingerprint)
+                    self._calibration = adaptive.Calibration.load(candidate, expect_model=fingerprint)
                     break
                 except (OSError, ValueError, KeyError):
                     continue
             else:
-                self._calibration = calibrate(self, prompts, continuations, progress=progress)
+                self._calibration = adaptive.calibrate(self, prompts, continuations, progress=progress)
                 self._calibration.save(directory)
         return self._calibration
 
@@ -418,7 +369,7 @@ class Engine:
     ) -> SparseSession:
         """Prefill only: each prompt's selected neurons per sparse layer, in ``session.neurons``."""
         with self.lock:
-            ids, mask = self._left_pad(prompts)
+            ids, mask = self.left_pad(prompts)
             session = self.new_session(sparsity, mask, selector)
             self.prefill(ids, mask, session)
             return session
@@ -444,68 +395,21 @@ class Engine:
         on_token: Optional[Callable[[TokenEvent], None]] = None,
         reference: bool = False,
         selector: Optional[Selector] = None,
+        backend: Optional[str] = None,
+        weights: Optional[str] = None,
+        ignore_eos: bool = False,
     ) -> list[GenerationResult]:
         """Generate for a batch of token-id prompts; ``sparsity=None`` decodes densely.
 
-        ``reference=True`` decodes with the masked dense FFN instead of compact
-        weights: slower, same numbers, for tests.
+        ``backend``/``weights`` override the engine's defaults for this request.
+        ``reference=True`` decodes on the reference backend with the masked dense
+        FFN instead of compact weights: slower, same numbers, for tests.
+        ``ignore_eos`` always produces ``max_new_tokens`` tokens (benchmarks).
         """
+        length = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
         with self.lock:
-            return self._generate(prompts, sparsity, sampling, on_token, reference, selector)
-
-    def _generate(self, prompts, sparsity, sampling, on_token, reference, selector) -> list[GenerationResult]:
-        device = self.device
-        ids, mask = self._left_pad(prompts)
-        seqs = [_Sequence(len(p), self._generator(sampling.seed)) for p in prompts]
-        eos = self.eos_ids()
-
-        start = time.perf_counter()
-        session = self.new_session(sparsity, mask, selector)
-        logits, cache = self.prefill(ids, mask, session)
-        _sync(device)
-        prefill_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        if session is not None and not reference:
-            session.build_compacts()
-        _sync(device)
-        select_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        positions = (mask.sum(-1, keepdim=True) - 1)  # [B, 1]
-        steps = 0
-        while True:
-            next_ids = self._advance(seqs, logits[:, -1, :], sampling, eos, on_token)
-            if all(s.finish_reason for s in seqs):
-                break
-            steps += 1
-            positions = positions + 1
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_input = torch.tensor(next_ids, device=device).unsqueeze(1)
-            if session is None:
-                logits, cache = self._forward(step_input, mask, positions, cache)
-            else:
-                with session.phase(session.masked if reference else session.compact):
-                    logits, cache = self._forward(step_input, mask, positions, cache)
-        _sync(device)
-        decode_s = time.perf_counter() - start
-
-        density = session.ffn_density() if session is not None else 1.0
-        return [
-            GenerationResult(
-                text=s.text,
-                token_ids=s.ids,
-                prompt_tokens=s.prompt_len,
-                new_tokens=len(s.ids),
-                finish_reason=s.finish_reason or "length",
-                prefill_s=prefill_s,
-                select_s=select_s,
-                decode_s=decode_s,
-                ffn_density=density,
-                keep=sparsity.keep if sparsity is not None else None,
-            )
-            for s in seqs
-        ]
+            chosen = self.backend(backend, weights, masked=reference, length=length)
+            return loop.generate(self, chosen, prompts, sparsity, sampling, on_token, selector, ignore_eos)
 
     @torch.inference_mode()
     def continuation_logits(
@@ -515,69 +419,58 @@ class Engine:
         sparsity: Optional[SparsityConfig] = None,
         reference: bool = False,
         selector: Optional[Selector] = None,
+        backend: Optional[str] = "reference",
+        weights: Optional[str] = None,
     ) -> tuple[list[torch.Tensor], Optional[SparseSession]]:
         """Teacher-forced logits predicting each continuation token, ``[len(cont), V]`` each.
 
         The prompt is prefilled densely and selects the core neurons; the
-        continuation is then scored by the sparse model in one forward pass,
-        exactly as decoding would see it token by token.
+        continuation is then scored by the sparse model exactly as decoding
+        would see it token by token. The reference backend scores it in one
+        forward pass; others (``backend=None`` is the engine's default) step
+        through it one token at a time.
         """
         if len(prompts) != len(continuations):
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
+        width = max(len(c) for c in continuations)
+        length = max(len(p) for p in prompts) + width
         with self.lock:
-            ids, mask = self._left_pad(prompts)
+            chosen = self.backend(backend, weights, masked=reference, length=length)
+            ids, mask = self.left_pad(prompts)
             session = self.new_session(sparsity, mask, selector)
             first, cache = self.prefill(ids, mask, session)
-            if session is not None and not reference:
-                session.build_compacts()
-            width = max(len(c) for c in continuations)
             cont = torch.full((len(prompts), width), self.pad_id(), dtype=torch.long)
             for row, c in enumerate(continuations):
                 cont[row, : len(c)] = torch.tensor(list(c))
             cont = cont.to(self.device)
-            # Right padding after the continuation cannot affect earlier positions.
-            full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
-            positions = mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device)
-            if session is None:
-                logits, _ = self._forward(cont, full_mask, positions, cache, logits_to_keep=0)
+            state = chosen.start(session, cache, mask, length)
+            if isinstance(chosen, ReferenceBackend):
+                logits = self.score_continuation(state, chosen, cont)
             else:
-                with session.phase(session.masked if reference else session.compact):
-                    logits, _ = self._forward(cont, full_mask, positions, cache, logits_to_keep=0)
-            logits = torch.cat([first[:, -1:, :], logits[:, :-1, :]], dim=1)
+                logits = forced_logits(chosen, state, cont[:, :-1]) if width > 1 else first[:, :0]
+            logits = torch.cat([first[:, -1:, :].to(logits.dtype), logits[:, : width - 1, :]], dim=1).float()
             return [logits[row, : len(c)] for row, c in enumerate(continuations)], session
 
-    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        # One generator per sequence, each seeded alike, so a batch samples what singles would.
+    def score_continuation(self, state, backend: ReferenceBackend, cont: torch.Tensor) -> torch.Tensor:
+        """All continuation tokens in one forward pass of the HF modules: logits ``[B, W, V]``."""
+        # Right padding after the continuation cannot affect earlier positions.
+        full_mask = torch.cat([state.mask, torch.ones_like(cont)], dim=1)
+        positions = state.positions + 1 + torch.arange(cont.shape[1], device=cont.device)
+        session = state.session
+        if session is None:
+            logits, _ = self._forward(cont, full_mask, positions, state.cache, logits_to_keep=0)
+        else:
+            with session.phase(session.masked if backend.masked else session.compact):
+                logits, _ = self._forward(cont, full_mask, positions, state.cache, logits_to_keep=0)
+        return logits
+
+    def generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        """One generator per sequence, each seeded alike, so a batch samples what singles would."""
         if seed is None:
             return None
         return torch.Generator().manual_seed(seed)
-
-    def _advance(self, seqs, last_logits, sampling, eos, on_token) -> list[int]:
-        """Choose each unfinished sequence's next token and update its text and status."""
-        next_ids = []
-        for index, seq in enumerate(seqs):
-            if seq.finish_reason:
-                next_ids.append(self.pad_id())
-                continue
-            token = sample_next(last_logits[index], sampling, seq.generator)
-            next_ids.append(token)
-            previous_text = seq.text
-            if token in eos:
-                seq.finish_reason = "eos"
-            else:
-                seq.ids.append(token)
-                seq.text = self.decode_text(seq.ids)
-                cut = _find_stop(seq.text, sampling.stop)
-                if cut is not None:
-                    seq.text, seq.finish_reason = seq.text[:cut], "stop"
-                elif len(seq.ids) >= sampling.max_new_tokens:
-                    seq.finish_reason = "length"
-            if on_token is not None:
-                delta = seq.text[len(previous_text):] if seq.text.startswith(previous_text) else seq.text
-                on_token(TokenEvent(index, token, delta, bool(seq.finish_reason)))
-        return next_ids
 
     def generate(
         self,
@@ -586,11 +479,15 @@ class Engine:
         sampling: SamplingConfig = SamplingConfig(),
         chat: Optional[bool] = None,
         on_token: Optional[Callable[[TokenEvent], None]] = None,
+        backend: Optional[str] = None,
+        weights: Optional[str] = None,
     ) -> Union[GenerationResult, list[GenerationResult]]:
         """Generate from one prompt (returns one result) or a list (returns a list)."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        results = self.generate_ids([self.encode(p, chat) for p in prompts], sparsity, sampling, on_token)
+        results = self.generate_ids(
+            [self.encode(p, chat) for p in prompts], sparsity, sampling, on_token, backend=backend, weights=weights
+        )
         return results[0] if single else results
 
     def stream(
@@ -599,6 +496,8 @@ class Engine:
         sparsity: Optional[SparsityConfig] = None,
         sampling: SamplingConfig = SamplingConfig(),
         chat: Optional[bool] = None,
+        backend: Optional[str] = None,
+        weights: Optional[str] = None,
     ) -> Iterator[str]:
         """Yield the text of one prompt's completion piece by piece as tokens are produced."""
         events: list[TokenEvent] = []
@@ -607,7 +506,7 @@ class Engine:
 
         def run() -> None:
             try:
-                self.generate(prompt, sparsity, sampling, chat, on_token=events.append)
+                self.generate(prompt, sparsity, sampling, chat, on_token=events.append, backend=backend, weights=weights)
             except BaseException as err:  # re-raised in the caller's thread
                 failure.append(err)
             finally:
@@ -627,29 +526,3 @@ class Engine:
         worker.join()
         if failure:
             raise failure[0]
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def load(
-    model: Union[str, None] = None,
-    device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = torch.float32,
-    memory_limit: bool = False,
-) -> Engine:
-    """Load a model directory, a GGUF file, or (``None``) the default SmolLM2-135M-Instruct.
-
-    ``device=None`` picks CUDA when available, else the CPU. ``memory_limit=True``
-    keeps the sparse layers' FFN weights in slow memory (see ``coreinfer.offload``).
-    """
-    if memory_limit:
-        from .offload import load_memory_limited  # offload builds on Engine, so imported late
-
-        return load_memory_limited(model, device, dtype)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_model, tokenizer, _ = load_model_and_tokenizer(model, device, dtype)
-    return Engine(hf_model, tokenizer, name=model_identity(resolve_model_path(model)))

@@ -20,14 +20,19 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .engine import Engine, SamplingConfig, SparsityConfig, load
+from .api import load
+from .engine import Engine, SamplingConfig, SparsityConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @register_model("coreinfer")
 class CoreInferLM(TemplateLM):
-    """``lm_eval --model coreinfer --model_args keep=0.4,alpha=0.2,rule=coreinfer[,pretrained=DIR][,dense=True]``."""
+    """``lm_eval --model coreinfer --model_args keep=0.4,alpha=0.2,rule=coreinfer[,pretrained=DIR][,dense=True]``.
+
+    ``backend`` and ``weights`` (default ``auto``, as for ``coreinfer generate``) choose the decode
+    backend that scores and generates: the path users run, not a reference copy of it.
+    """
 
     def __init__(
         self,
@@ -43,6 +48,8 @@ class CoreInferLM(TemplateLM):
         max_length: int = 2048,
         max_gen_toks: int = 256,
         engine: Optional[Engine] = None,
+        backend: str = "auto",
+        weights: str = "auto",
         **kwargs,
     ):
         super().__init__()
@@ -51,7 +58,9 @@ class CoreInferLM(TemplateLM):
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes device="cuda" unless told otherwise; its hf model falls back the same way.
             device = "cpu"
-        self.engine = engine if engine is not None else load(pretrained, device=device, dtype=DTYPES[dtype])
+        self.engine = engine if engine is not None else load(
+            pretrained, device=device, dtype=DTYPES[dtype], backend=backend, weights=weights
+        )
         self.tokenizer = self.engine.tokenizer
         self.sparsity = None if dense else SparsityConfig(keep=float(keep), alpha=float(alpha), rule=str(rule))
         # "auto" would need memory probing; one fixed size is honest on CPU.
@@ -94,7 +103,9 @@ class CoreInferLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="coreinfer loglikelihood")
         for start in range(0, len(requests), self.batch_size):
             chunk = [self._truncate(list(ctx), list(cont)) for _, ctx, cont in requests[start : start + self.batch_size]]
-            logits, _ = self.engine.continuation_logits([c for c, _ in chunk], [t for _, t in chunk], self.sparsity)
+            logits, _ = self.engine.continuation_logits(
+                [c for c, _ in chunk], [t for _, t in chunk], self.sparsity, backend=None
+            )
             for row, (_, cont) in zip(logits, chunk):
                 logp = torch.log_softmax(row.double(), -1)
                 targets = torch.tensor(cont, device=logp.device)

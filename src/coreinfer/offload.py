@@ -425,7 +425,8 @@ def load_memory_limited(
     # A weights-only directory (as tests save) gives an engine that takes token ids.
     has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir) if has_tokenizer else None
-    return Engine(hf_model, tokenizer, name=model_identity(path))
+    # The lean backend would copy every weight into fast memory: the opposite of this mode.
+    return Engine(hf_model, tokenizer, name=model_identity(path), backend="reference")
 
 
 __all__ = [

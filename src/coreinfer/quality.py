@@ -20,6 +20,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .decode.loop import DecodeBackend, forced_logits
+from .decode.reference import ReferenceBackend
 from .engine import Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection
 from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, top_neurons
 
@@ -177,7 +179,7 @@ class Prefilled:
 
 @torch.inference_mode()
 def prefill(engine: Engine, item: Item) -> Prefilled:
-    ids, mask = engine._left_pad([item.prompt])
+    ids, mask = engine.left_pad([item.prompt])
     recorder = _ActivationRecorder()
     every_layer = SparsityConfig(keep=1.0, layers=tuple(range(engine.num_layers)))
     session = SparseSession(every_layer, engine.ffns, mask, recorder)
@@ -187,33 +189,37 @@ def prefill(engine: Engine, item: Item) -> Prefilled:
 
 @torch.inference_mode()
 def score(
-    engine: Engine, pre: Prefilled, sparsity: Optional[SparsityConfig], selector: Optional[Selector] = None
+    engine: Engine,
+    pre: Prefilled,
+    sparsity: Optional[SparsityConfig],
+    selector: Optional[Selector] = None,
+    backend: Optional[DecodeBackend] = None,
 ) -> tuple[torch.Tensor, float]:
     """Teacher-forced logits ``[C, V]`` for the continuation, and the FFN density computed.
 
-    Equals ``engine.continuation_logits([prompt], [continuation], sparsity, selector=selector)``
-    for one item; the prompt's prefill is not repeated.
+    Equals ``engine.continuation_logits([prompt], [continuation], sparsity, selector=selector,
+    backend=...)`` for one item; the prompt's prefill is not repeated. ``backend=None`` is the
+    reference backend in the model's own precision.
     """
     session = None
     if sparsity is not None:
         session = SparseSession(sparsity, engine.ffns, pre.mask, selector)
         neurons = {layer: session.selector(layer, pre.acts[layer]).unsqueeze(0) for layer in session.layers}
         session.neurons = finalize_selection(session.selector, neurons)
-    device = engine.device
-    cont = torch.tensor([pre.item.continuation], device=device)
-    full_mask = torch.cat([pre.mask, torch.ones_like(cont)], dim=1)
-    positions = pre.mask.sum(-1, keepdim=True) + torch.arange(cont.shape[1], device=device)
-    # The forward appends to the cache; a copy keeps the prompt's cache for the next config.
-    cache = copy.deepcopy(pre.cache)
-    if session is None:
-        logits, _ = engine._forward(cont, full_mask, positions, cache, logits_to_keep=0)
+    density = session.ffn_density() if session is not None else 1.0
+    cont = torch.tensor([pre.item.continuation], device=engine.device)
+    if backend is not None and not isinstance(backend, ReferenceBackend):
+        # Another backend steps through the continuation as decoding would (its cache is its own copy).
+        state = backend.start(session, pre.cache, pre.mask, pre.mask.shape[1] + cont.shape[1])
+        logits = forced_logits(backend, state, cont[:, :-1]).float()
     else:
         # The masked dense FFN gives the compact path's numbers (tested) without gathering
         # weights per config, which costs more than the FFN work it saves on a short continuation.
-        with session.phase(session.masked):
-            logits, _ = engine._forward(cont, full_mask, positions, cache, logits_to_keep=0)
-    logits = torch.cat([pre.first_logits, logits[:, :-1, :]], dim=1)[0]
-    return logits, session.ffn_density() if session is not None else 1.0
+        # The forward appends to the cache; a copy keeps the prompt's cache for the next config.
+        state = ReferenceBackend(engine, masked=True).start(session, copy.deepcopy(pre.cache), pre.mask, 0)
+        logits = engine.score_continuation(state, ReferenceBackend(engine, masked=True), cont)[:, :-1]
+    logits = torch.cat([pre.first_logits.float(), logits.float()], dim=1)[0]
+    return logits, density
 
 
 # Metrics
@@ -318,30 +324,40 @@ def evaluate(
     configs: Sequence[Config],
     layers: Optional[tuple[int, ...]] = None,
     progress: bool = True,
+    backend: Optional[str] = None,
+    weights: Optional[str] = None,
 ) -> list[dict]:
-    """One row per config: the set's teacher-forced metrics against dense."""
+    """One row per config: the set's teacher-forced metrics against dense.
+
+    Every config, the dense one included, is scored on ``backend``/``weights`` (default: the
+    engine's, the path users run); the dense reference is always the model in its own precision,
+    so the error of low-precision weights counts.
+    """
     from tqdm.auto import tqdm
 
     static_scores = None
     if any(c.rule == STATIC for c in configs):
         static_scores = calibrate_static(engine, evalset.calibration)
     stats = {config: TokenStats() for config in configs}
+    longest = max(len(i.prompt) + len(i.continuation) for i in evalset.items)
+    chosen = engine.backend(backend, weights, length=longest)
     bar = tqdm(total=len(evalset.items) * len(configs), desc=evalset.name, disable=not progress, unit="cfg")
     for item in evalset.items:
         pre = prefill(engine, item)
         targets = torch.tensor(item.continuation, device=engine.device)
         dense_logits, _ = score(engine, pre, None)
         for config in configs:
-            if config.rule == DENSE:
+            if config.rule == DENSE and isinstance(chosen, ReferenceBackend):
                 logits, density = dense_logits, 1.0
             else:
                 sparsity, selector = config.plan(engine, layers, static_scores, pre.rankings)
-                logits, density = score(engine, pre, sparsity, selector)
+                logits, density = score(engine, pre, sparsity, selector, chosen)
             stats[config].add(dense_logits, logits, targets, density)
             bar.update()
         del pre
     bar.close()
-    return [{"set": evalset.name, **asdict(config), **stats[config].summary()} for config in configs]
+    where = {"backend": chosen.name, "weights": chosen.weights}
+    return [{"set": evalset.name, **asdict(config), **stats[config].summary(), **where} for config in configs]
 
 
 # Generation quality
@@ -374,25 +390,33 @@ def generation_quality(
     calibration: Sequence[Item] = (),
     layers: Optional[tuple[int, ...]] = None,
     progress: bool = True,
+    backend: Optional[str] = None,
+    weights: Optional[str] = None,
 ) -> list[dict]:
-    """Greedy generation per config: ROUGE-L of each output against dense, and its repeated-4-gram rate."""
+    """Greedy generation per config: ROUGE-L of each output against dense, and its repeated-4-gram rate.
+
+    Dense is the model in its own precision on the reference backend; configs run on ``backend``.
+    """
     from tqdm.auto import tqdm
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     static_scores = calibrate_static(engine, calibration) if any(c.rule == STATIC for c in configs) else None
-    dense = engine.generate_ids(prompts, None, sampling)
+    dense = engine.generate_ids(prompts, None, sampling, backend="reference")
+    run = dict(backend=backend, weights=weights)
     rows = []
     for config in tqdm(configs, desc="generation", disable=not progress, unit="cfg"):
         if config.rule == DENSE:
-            results = dense
+            results = engine.generate_ids(prompts, None, sampling, **run)
         else:
             sparsity, selector = config.plan(engine, layers, static_scores, {})
             if config.rule not in (STATIC, ADAPTIVE):
                 selector = None  # the rule itself; a ranking cache is per prompt
-            results = engine.generate_ids(prompts, sparsity, sampling, selector=selector)
+            results = engine.generate_ids(prompts, sparsity, sampling, selector=selector, **run)
         rows.append(
             {
                 **asdict(config),
+                "backend": results[0].backend,
+                "weights": results[0].weights,
                 "ffn_density": results[0].ffn_density,
                 "rouge_l": sum(rouge_l(d.text, r.text) for d, r in zip(dense, results)) / len(results),
                 "rep4": sum(repeated_ngram_rate(r.token_ids) for r in results) / len(results),
@@ -428,14 +452,15 @@ def headline_table(rows: Sequence[dict]) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     lines = [
-        "| set | rule | keep | α | FFN density | ppl | dense ppl | agreement | KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | rule | keep | α | backend, weights | FFN density | ppl | dense ppl | agreement | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
         keep = "" if r["rule"] == DENSE else f"{r['keep']:g}"
         lines.append(
-            f"| {r['set']} | {r['rule']} | {keep} | {alpha} | {r['ffn_density']:.3f} | {r['ppl']:.2f} | "
+            f"| {r['set']} | {r['rule']} | {keep} | {alpha} | {r.get('backend', '')}, {r.get('weights', '')} "
+            f"| {r['ffn_density']:.3f} | {r['ppl']:.2f} | "
             f"{r['dense_ppl']:.2f} | {r['agreement']:.3f} | {r['kl']:.3f} |"
         )
     return "\n".join(lines)

@@ -215,6 +215,8 @@ def measurements(result: GenerationResult, sparsity: Optional[SparsityConfig]) -
         "decode_tok_s": round(result.decode_tok_s, 3),
         "prefill_s": round(result.prefill_s, 5),
         "select_s": round(result.select_s, 5),
+        "backend": result.backend,
+        "weights": result.weights,
     }
 
 

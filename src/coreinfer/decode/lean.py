@@ -1,0 +1,281 @@
+"""The lean backend: a gpt-fast-style one-token step for the Llama family.
+
+The reference backend decodes through Hugging Face modules: a dynamic KV cache
+that grows by ``torch.cat`` every token, separate q/k/v projections, mask
+building and Python bookkeeping per layer. Decoding a small model is bound by
+reading the weights once per token, so all that overhead shows. Here:
+
+- ``LeanModel`` holds the weights in a few contiguous tensors per layer (fused
+  qkv, fused gate+up), in fp32, bf16 or int8 (``decode.weights``), built once
+  from a Hugging Face model;
+- ``KVCache`` is allocated once per request (``[B, kv_heads, max_len, head_dim]``)
+  and written in place; the prompt's keys and values are copied in from the
+  engine's (dense, recording) prefill, so selection is exactly the reference's;
+- each sparse layer's kept neurons are gathered once per sequence into compact
+  matrices (``LeanModel.gather``).
+
+In fp32 the greedy tokens equal the reference backend's (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .weights import Weight, activation_dtype, alignment, cat_rows, linear, nbytes, padded, quantize, rows_padded, take_cols
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LeanLayer:
+    attn_norm: torch.Tensor  # [d]
+    wqkv: Weight  # [(H + 2 KV) * hd, d]
+    bqkv: Optional[torch.Tensor]  # [(H + 2 KV) * hd] (Qwen2)
+    wo: Weight  # [d, H * hd]
+    ffn_norm: torch.Tensor  # [d]
+    w13: Weight  # [2N, d]: gate rows, then up rows
+    w2: Weight  # [d, N]
+
+
+@dataclass
+class CompactLayer:
+    """One layer's kept neurons per sequence: ``[2K', d]`` and ``[d, K']``, K' = K padded (zero neurons)."""
+
+    w13: list[Weight]
+    w2: list[Weight]
+
+
+class LeanModel:
+    """Contiguous decode-time weights of a Llama-family HF model."""
+
+    def __init__(self, hf_model: nn.Module, weights: str = "fp32"):
+        config = hf_model.config
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"the lean backend supports {', '.join(SUPPORTED_TYPES)}, not {config.model_type}")
+        self.weights = weights
+        self.dtype = activation_dtype(weights)
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.sliding_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.max_positions = config.max_position_embeddings
+        self.layers = [self._layer(layer) for layer in hf_model.model.layers]
+        self.norm = _c(hf_model.model.norm.weight, self.dtype)
+        self.lm_head = quantize(hf_model.get_output_embeddings().weight, weights)
+        self.embed = hf_model.model.embed_tokens.weight  # read one row per token: keep the model's own
+        self.rotary = hf_model.model.rotary_emb
+        self.device = self.norm.device
+
+    def _layer(self, layer: nn.Module) -> LeanLayer:
+        attn, mlp = layer.self_attn, _mlp(layer)
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        return LeanLayer(
+            attn_norm=_c(layer.input_layernorm.weight, self.dtype),
+            wqkv=quantize(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), self.weights),
+            bqkv=None if biases[0] is None else _c(torch.cat(biases), self.dtype),
+            wo=quantize(attn.o_proj.weight, self.weights),
+            ffn_norm=_c(layer.post_attention_layernorm.weight, self.dtype),
+            w13=quantize(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), self.weights),
+            w2=quantize(mlp.down_proj.weight, self.weights),
+        )
+
+    @property
+    def num_neurons(self) -> int:
+        return mlp_width(self.layers[0])
+
+    @property
+    def max_length(self) -> int:
+        """Longest prompt + answer this backend decodes (it has no sliding-window attention)."""
+        return min(self.max_positions, self.sliding_window or self.max_positions)
+
+    def weight_bytes_per_token(self, ffn_density: float = 1.0) -> int:
+        """Bytes of weights one decode step reads: every layer, the final norm and the LM head.
+
+        ``ffn_density`` is ``GenerationResult.ffn_density``: the FFNs' share read, averaged over layers.
+        """
+        norm_bytes = self.norm.element_size() * self.norm.numel()
+        ffn = sum(nbytes(layer.w13) + nbytes(layer.w2) for layer in self.layers)
+        rest = sum(2 * norm_bytes + nbytes(layer.wqkv) + nbytes(layer.wo) for layer in self.layers)
+        return round(nbytes(self.lm_head) + norm_bytes + rest + ffn * ffn_density)
+
+    def gather(self, neurons: dict[int, torch.Tensor]) -> dict[int, CompactLayer]:
+        """Each sparse layer's kept neurons (``{layer: [B, K]}``) as contiguous per-sequence weights."""
+        n = self.num_neurons
+        compacts = {}
+        for index, kept in neurons.items():
+            layer = self.layers[index]
+            width = padded(kept.shape[1], alignment(layer.w2))
+            w13, w2 = [], []
+            for k in kept.to(self.device):
+                w13.append(cat_rows([rows_padded(layer.w13, k, width), rows_padded(layer.w13, k + n, width)]))
+                w2.append(take_cols(layer.w2, k, width))
+            compacts[index] = CompactLayer(w13, w2)
+        return compacts
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[length, hd]`` from the HF model's own rotary module (any rope scaling)."""
+        positions = torch.arange(length, device=self.device)[None]
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = self.rotary(probe, positions)
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+
+def mlp_width(layer: LeanLayer) -> int:
+    w2 = layer.w2
+    return w2.in_features if hasattr(w2, "in_features") else w2.shape[1]
+
+
+def _mlp(layer: nn.Module) -> nn.Module:
+    # The engine wraps each FFN in a SparseFFN that keeps the original module as ``source["mlp"]``.
+    mlp = layer.mlp
+    return mlp.source["mlp"] if hasattr(mlp, "source") else mlp
+
+
+def _c(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).contiguous()
+
+
+@dataclass
+class KVCache:
+    """Static per-request cache; slot ``t`` holds column ``t`` of the left-padded batch."""
+
+    keys: list[torch.Tensor]  # per layer [B, KV, S, hd]
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # [B, S] bool: slots that hold real (not padding) tokens
+
+    @classmethod
+    def allocate(cls, model: LeanModel, batch: int, length: int) -> "KVCache":
+        shape = (batch, model.n_kv_heads, length, model.head_dim)
+        keys = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in model.layers]
+        values = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in model.layers]
+        return cls(keys, values, torch.zeros(batch, length, dtype=torch.bool, device=model.device))
+
+    def fill(self, hf_cache, mask: torch.Tensor) -> None:
+        """Copy the prompt's keys and values out of the HF prefill cache."""
+        width = mask.shape[1]
+        for index, layer in enumerate(hf_cache.layers):
+            self.keys[index][:, :, :width] = layer.keys[:, :, :width]
+            self.values[index][:, :, :width] = layer.values[:, :, :width]
+        self.valid[:, :width] = mask.bool()
+
+
+@dataclass
+class _Step:
+    """What every layer of one decode step shares: the slot written, rope rows, attention mask."""
+
+    slot: int
+    cos: torch.Tensor  # [B, 1, 1, hd]
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]  # [B, 1, 1, slot + 1] bool, or None when nothing is padding
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCache, index: int, step: _Step):
+    batch = x.shape[0]
+    h, kv, hd = model.n_heads, model.n_kv_heads, model.head_dim
+    qkv = linear(x, layer.wqkv)
+    if layer.bqkv is not None:
+        qkv = qkv + layer.bqkv
+    qkv = qkv.view(batch, 1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, 1, hd]
+    q, k, v = qkv.split([h, kv, kv], dim=1)
+    q = _rotate(q, step.cos, step.sin)
+    cache.keys[index][:, :, step.slot : step.slot + 1] = _rotate(k, step.cos, step.sin)
+    cache.values[index][:, :, step.slot : step.slot + 1] = v
+    keys = cache.keys[index][:, :, : step.slot + 1]
+    values = cache.values[index][:, :, : step.slot + 1]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=kv != h)
+    return linear(out.transpose(1, 2).reshape(batch, h * hd), layer.wo)
+
+
+def _gated(x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    return linear(F.silu(gate).mul_(up), w2)
+
+
+def _ffn(layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor) -> torch.Tensor:
+    if compact is None:
+        return _gated(x, layer.w13, layer.w2)
+    # Each sequence has its own kept neurons; batches are small, so one matmul pair per sequence.
+    if x.shape[0] == 1:
+        return _gated(x, compact.w13[0], compact.w2[0])
+    return torch.cat([_gated(x[b : b + 1], compact.w13[b], compact.w2[b]) for b in range(x.shape[0])])
+
+
+def decode_step(
+    model: LeanModel, tokens: torch.Tensor, cache: KVCache, compacts: dict[int, CompactLayer], step: _Step
+) -> torch.Tensor:
+    """One token per sequence (``tokens`` ``[B]``) through the whole model; returns logits ``[B, V]``."""
+    x = model.embed[tokens].to(model.dtype)  # [B, d]
+    for index, layer in enumerate(model.layers):
+        attn_in = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, model.eps)
+        x = x + _attention(model, layer, attn_in, cache, index, step)
+        ffn_in = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm, model.eps)
+        x = x + _ffn(layer, compacts.get(index), ffn_in)
+    x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
+    return linear(x, model.lm_head)
+
+
+@dataclass
+class LeanState:
+    """One request's decode state on the lean backend."""
+
+    cache: KVCache
+    compacts: dict[int, CompactLayer]
+    cos: torch.Tensor  # [length, hd]
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B]: rope position of the last token fed
+    slot: int  # the next cache slot to write
+    padded: bool  # whether any prompt is left-padded (then attention needs a mask)
+
+
+class LeanBackend:
+    """Decode steps over a ``LeanModel``; built once per engine and weight format."""
+
+    name = "lean"
+
+    def __init__(self, model: LeanModel):
+        self.model = model
+        self.weights = model.weights
+
+    @property
+    def max_length(self) -> int:
+        return self.model.max_length
+
+    def start(self, session, hf_cache, mask: torch.Tensor, length: int) -> LeanState:
+        """Copy the prompt's cache in and gather each sparse layer's kept neurons."""
+        if length > self.max_length:
+            raise ValueError(
+                f"the lean backend decodes up to {self.max_length} tokens (prompt + answer), not {length}; "
+                "use backend='reference'"
+            )
+        model = self.model
+        compacts = model.gather({layer: session.neurons[layer] for layer in session.layers}) if session else {}
+        cache = KVCache.allocate(model, mask.shape[0], length)
+        cache.fill(hf_cache, mask)
+        cos, sin = model.rope_tables(length)
+        return LeanState(cache, compacts, cos, sin, mask.sum(-1) - 1, mask.shape[1], not bool(mask.all()))
+
+    def step(self, state: LeanState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (``[B]``); logits ``[B, V]`` for the next."""
+        slot = state.slot
+        state.positions = state.positions + 1
+        state.cache.valid[:, slot] = True
+        step = _Step(
+            slot=slot,
+            cos=state.cos[state.positions][:, None, None],
+            sin=state.sin[state.positions][:, None, None],
+            mask=state.cache.valid[:, None, None, : slot + 1] if state.padded else None,
+        )
+        state.slot += 1
+        return decode_step(self.model, tokens, state.cache, state.compacts, step)

@@ -1,0 +1,165 @@
+"""Weight formats of the lean backend: fp32, bf16, and weight-only int8.
+
+``Int8Weight`` keeps ``nn.Linear``'s ``[out, in]`` layout with one scale per
+output channel, so selecting rows (gate/up neurons) or columns (down inputs)
+keeps the scales valid and quantisation composes with CoreInfer's gathering.
+
+PyTorch's CPU int8 kernel (``torch._weight_int8pack_mm``) returns wrong numbers,
+without an error, when the inner dimension is not a multiple of 16 (measured on
+torch 2.13, AVX-512: relative error ~1 for K = 921, 920 or 136; 0.2 % for 928).
+Dense layers of real models are multiples of 16, but a compact FFN keeps any
+number of neurons. So every int8 matrix is stored with its inner dimension
+padded by zero columns to ``INT8_ALIGN``, and compact FFNs pad their kept
+neurons with zero rows and columns (a zero neuron contributes exactly nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch.nn import functional as F
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+INT8_ALIGN = 16
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_weights(device: torch.device) -> str:
+    """The weight format the lean backend uses unless told otherwise.
+
+    bf16 on CUDA (tensor cores; int8 has no fast weight-only kernel there in
+    PyTorch); int8 on a CPU with native bf16 (PyTorch's int8 kernel takes bf16
+    activations and halves the bytes read again); fp32 elsewhere.
+    """
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "int8"
+    return "fp32"
+
+
+def activation_dtype(weights: str) -> torch.dtype:
+    check_weights(weights)
+    return torch.float32 if weights == "fp32" else torch.bfloat16
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+
+
+def padded(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+@dataclass
+class Int8Weight:
+    """Weight-only int8 ``[out, in_padded]`` with one scale per output channel.
+
+    ``in_features`` is the true inner size; columns past it are zero.
+    """
+
+    q: torch.Tensor  # [out, in_padded] int8
+    scale: torch.Tensor  # [out], the activation dtype
+    in_features: int
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
+        w = w.detach().float()
+        # Few passes over the matrix: quantising the whole model is on the first request's path.
+        scale = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-12) / 127.0
+        q = (w * scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return cls(_pad_columns(q, padded(w.shape[1], INT8_ALIGN)), scale.to(dtype), w.shape[1])
+
+    def cols(self, index: torch.Tensor, width: int) -> "Int8Weight":
+        """Columns ``index`` as a new matrix whose inner size is ``width`` (zero columns past ``len(index)``)."""
+        return Int8Weight(_pad_columns(self.q[:, index], width), self.scale, width)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q[:, : self.in_features].float() * self.scale.float()[:, None]
+
+    def numel(self) -> int:
+        return self.q.shape[0] * self.in_features
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+Weight = Union[torch.Tensor, Int8Weight]
+
+
+def _pad_columns(q: torch.Tensor, width: int) -> torch.Tensor:
+    if q.shape[1] == width:
+        return q.contiguous()
+    out = q.new_zeros(q.shape[0], width)
+    out[:, : q.shape[1]] = q
+    return out
+
+
+def quantize(w: torch.Tensor, weights: str) -> Weight:
+    """One matrix in a weight format (``nn.Linear`` layout)."""
+    dtype = activation_dtype(weights)
+    return Int8Weight.quantize(w, dtype) if weights == "int8" else w.detach().to(dtype).contiguous()
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """``x @ w.T`` for ``x`` ``[M, in]``."""
+    if not isinstance(w, Int8Weight):
+        return F.linear(x, w)
+    if x.shape[-1] != w.q.shape[1]:
+        x = F.pad(x, (0, w.q.shape[1] - x.shape[-1]))
+    if x.device.type == "cpu":
+        return torch._weight_int8pack_mm(x, w.q, w.scale)
+    return int8_linear_portable(x, w)
+
+
+def int8_linear_portable(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """The same product on any device: dequantise to the activation dtype, then scale the output."""
+    return F.linear(x, w.q.to(x.dtype)) * w.scale
+
+
+def rows_padded(w: Weight, index: torch.Tensor, count: int) -> Weight:
+    """Rows ``index`` of ``w`` followed by zero rows up to ``count`` rows."""
+    if isinstance(w, Int8Weight):
+        q = w.q.new_zeros(count, w.q.shape[1])
+        scale = w.scale.new_zeros(count)
+        q[: len(index)], scale[: len(index)] = w.q[index], w.scale[index]
+        return Int8Weight(q, scale, w.in_features)
+    out = w.new_zeros(count, w.shape[1])
+    out[: len(index)] = w[index]
+    return out
+
+
+def cat_rows(parts: list[Weight]) -> Weight:
+    if isinstance(parts[0], Int8Weight):
+        return Int8Weight(
+            torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), parts[0].in_features
+        )
+    return torch.cat(parts)
+
+
+def take_cols(w: Weight, index: torch.Tensor, width: int) -> Weight:
+    """Columns ``index`` of ``w``, zero-padded to ``width`` columns."""
+    if isinstance(w, Int8Weight):
+        return w.cols(index, width)
+    return _pad_columns(w[:, index], width)
+
+
+def nbytes(w: Weight) -> int:
+    return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+
+
+def alignment(w: Weight) -> int:
+    """The multiple a compact inner dimension must be padded to for this format."""
+    return INT8_ALIGN if isinstance(w, Int8Weight) else 1
