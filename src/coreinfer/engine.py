@@ -166,7 +166,7 @@ class Engine:
     >>> engine.generate("Why is the sky blue?", sparsity=SparsityConfig(keep=0.4))
 
     ``backend`` chooses how tokens are decoded: ``"lean"`` (fused weights, static
-    cache; Llama, Mistral, Qwen2), ``"reference"`` (the HF modules, any family),
+    cache; Llama, Mistral, Qwen2, Qwen3), ``"reference"`` (the HF modules, any family),
     or ``"auto"``: lean where it applies. ``weights`` is the lean backend's weight
     format, ``"auto"`` meaning ``decode.weights.default_weights`` for the device.
     """

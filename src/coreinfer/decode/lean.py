@@ -1,4 +1,4 @@
-"""The lean backend: a gpt-fast-style one-token step for the Llama family.
+"""The lean backend: a gpt-fast-style one-token step for Llama, Mistral, Qwen2, Qwen3 and Gemma 3.
 
 The reference backend decodes through Hugging Face modules: a dynamic KV cache
 that grows by ``torch.cat`` every token, separate q/k/v projections, mask
@@ -28,7 +28,10 @@ from torch.nn import functional as F
 
 from .weights import Weight, activation_dtype, alignment, cat_rows, linear, nbytes, padded, quantize, rows_padded, take_cols
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Gemma 3 differs in a few declared places: RMSNorm scales by (1 + w), norms after attention and
+# FFN too, a scaled embedding, its own query scale, and sliding-window layers with their own rope.
+GEMMA_TYPES = ("gemma3_text",)
 
 
 @dataclass
@@ -40,6 +43,12 @@ class LeanLayer:
     ffn_norm: torch.Tensor  # [d]
     w13: Weight  # [2N, d]: gate rows, then up rows
     w2: Weight  # [d, N]
+    q_norm: Optional[torch.Tensor] = None  # [hd] (Qwen3, Gemma 3: RMSNorm of each head's query and key)
+    k_norm: Optional[torch.Tensor] = None
+    attn_out_norm: Optional[torch.Tensor] = None  # [d] (Gemma 3: norms of the attention and FFN outputs)
+    ffn_out_norm: Optional[torch.Tensor] = None
+    window: Optional[int] = None  # sliding-window span of this layer (Gemma 3's local layers)
+    rope: str = "default"  # which rope table this layer uses
 
 
 @dataclass
@@ -59,30 +68,51 @@ class LeanModel:
             raise ValueError(f"the lean backend supports {', '.join(SUPPORTED_TYPES)}, not {config.model_type}")
         self.weights = weights
         self.dtype = activation_dtype(weights)
+        self.gemma = config.model_type in GEMMA_TYPES
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.scale = config.query_pre_attn_scalar ** -0.5 if self.gemma else None  # None: 1/sqrt(hd)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
         self.eps = config.rms_norm_eps
-        self.sliding_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        windowed = config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
+        # Gemma's windows are per layer (below); others have one for the whole model, or none.
+        self.sliding_window = getattr(config, "sliding_window", None) if windowed else None
         self.max_positions = config.max_position_embeddings
-        self.layers = [self._layer(layer) for layer in hf_model.model.layers]
-        self.norm = _c(hf_model.model.norm.weight, self.dtype)
+        self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
+        self.act = _mlp(hf_model.model.layers[0]).act_fn
+        self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
+        self.norm = self._norm(hf_model.model.norm)
         self.lm_head = quantize(hf_model.get_output_embeddings().weight, weights)
-        self.embed = hf_model.model.embed_tokens.weight  # read one row per token: keep the model's own
+        embed = hf_model.model.embed_tokens
+        self.embed = embed.weight  # read one row per token: keep the model's own
+        self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
         self.rotary = hf_model.model.rotary_emb
         self.device = self.norm.device
 
-    def _layer(self, layer: nn.Module) -> LeanLayer:
+    def _norm(self, module: nn.Module) -> torch.Tensor:
+        weight = module.weight.detach().float()
+        return _c(1.0 + weight if self.gemma else weight, self.dtype)
+
+    def _layer(self, index: int, layer: nn.Module) -> LeanLayer:
         attn, mlp = layer.self_attn, _mlp(layer)
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        kind = self.layer_types[index] if self.layer_types else "default"
+        gemma = self.gemma
         return LeanLayer(
-            attn_norm=_c(layer.input_layernorm.weight, self.dtype),
+            attn_norm=self._norm(layer.input_layernorm),
             wqkv=quantize(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), self.weights),
             bqkv=None if biases[0] is None else _c(torch.cat(biases), self.dtype),
             wo=quantize(attn.o_proj.weight, self.weights),
-            ffn_norm=_c(layer.post_attention_layernorm.weight, self.dtype),
+            ffn_norm=self._norm(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm),
             w13=quantize(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), self.weights),
             w2=quantize(mlp.down_proj.weight, self.weights),
+            q_norm=self._norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+            k_norm=self._norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+            attn_out_norm=self._norm(layer.post_attention_layernorm) if gemma else None,
+            ffn_out_norm=self._norm(layer.post_feedforward_layernorm) if gemma else None,
+            window=getattr(attn, "sliding_window", None) if gemma else None,
+            rope=kind,
         )
 
     @property
@@ -118,12 +148,15 @@ class LeanModel:
             compacts[index] = CompactLayer(w13, w2)
         return compacts
 
-    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[length, hd]`` from the HF model's own rotary module (any rope scaling)."""
+    def rope_tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin ``[length, hd]`` per rope kind, from the HF model's own rotary module (any scaling)."""
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
-        cos, sin = self.rotary(probe, positions)
-        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+        tables = {}
+        for kind in sorted({layer.rope for layer in self.layers}):
+            cos, sin = self.rotary(probe, positions, kind) if self.gemma else self.rotary(probe, positions)
+            tables[kind] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+        return tables
 
 
 def mlp_width(layer: LeanLayer) -> int:
@@ -160,8 +193,9 @@ class KVCache:
         """Copy the prompt's keys and values out of the HF prefill cache."""
         width = mask.shape[1]
         for index, layer in enumerate(hf_cache.layers):
-            self.keys[index][:, :, :width] = layer.keys[:, :, :width]
-            self.values[index][:, :, :width] = layer.values[:, :, :width]
+            kept = layer.keys.shape[2]  # a sliding-window layer's cache holds only the last tokens
+            self.keys[index][:, :, width - kept : width] = layer.keys
+            self.values[index][:, :, width - kept : width] = layer.values
         self.valid[:, :width] = mask.bool()
 
 
@@ -170,8 +204,7 @@ class _Step:
     """What every layer of one decode step shares: the slot written, rope rows, attention mask."""
 
     slot: int
-    cos: torch.Tensor  # [B, 1, 1, hd]
-    sin: torch.Tensor
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # kind -> cos, sin [B, 1, 1, hd]
     mask: Optional[torch.Tensor]  # [B, 1, 1, slot + 1] bool, or None when nothing is padding
 
 
@@ -189,27 +222,37 @@ def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCac
         qkv = qkv + layer.bqkv
     qkv = qkv.view(batch, 1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, 1, hd]
     q, k, v = qkv.split([h, kv, kv], dim=1)
-    q = _rotate(q, step.cos, step.sin)
-    cache.keys[index][:, :, step.slot : step.slot + 1] = _rotate(k, step.cos, step.sin)
+    if layer.q_norm is not None:
+        q = F.rms_norm(q, (hd,), layer.q_norm, model.eps)
+        k = F.rms_norm(k, (hd,), layer.k_norm, model.eps)
+    cos, sin = step.rope[layer.rope]
+    q = _rotate(q, cos, sin)
+    cache.keys[index][:, :, step.slot : step.slot + 1] = _rotate(k, cos, sin)
     cache.values[index][:, :, step.slot : step.slot + 1] = v
-    keys = cache.keys[index][:, :, : step.slot + 1]
-    values = cache.values[index][:, :, : step.slot + 1]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=kv != h)
-    return linear(out.transpose(1, 2).reshape(batch, h * hd), layer.wo)
+    # A sliding-window layer sees the last ``window`` slots (left padding keeps slot distances).
+    first = max(0, step.slot + 1 - layer.window) if layer.window else 0
+    keys = cache.keys[index][:, :, first : step.slot + 1]
+    values = cache.values[index][:, :, first : step.slot + 1]
+    mask = None if step.mask is None else step.mask[..., first:]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv != h, scale=model.scale)
+    out = linear(out.transpose(1, 2).reshape(batch, h * hd), layer.wo)
+    return out if layer.attn_out_norm is None else F.rms_norm(out, (out.shape[-1],), layer.attn_out_norm, model.eps)
 
 
-def _gated(x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
+def _gated(model: LeanModel, x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
     gate, up = linear(x, w13).chunk(2, dim=-1)
-    return linear(F.silu(gate).mul_(up), w2)
+    return linear(model.act(gate).mul_(up), w2)
 
 
-def _ffn(layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor) -> torch.Tensor:
+def _ffn(model: LeanModel, layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor) -> torch.Tensor:
     if compact is None:
-        return _gated(x, layer.w13, layer.w2)
-    # Each sequence has its own kept neurons; batches are small, so one matmul pair per sequence.
-    if x.shape[0] == 1:
-        return _gated(x, compact.w13[0], compact.w2[0])
-    return torch.cat([_gated(x[b : b + 1], compact.w13[b], compact.w2[b]) for b in range(x.shape[0])])
+        out = _gated(model, x, layer.w13, layer.w2)
+    elif x.shape[0] == 1:
+        out = _gated(model, x, compact.w13[0], compact.w2[0])
+    else:
+        # Each sequence has its own kept neurons; batches are small, so one matmul pair per sequence.
+        out = torch.cat([_gated(model, x[b : b + 1], compact.w13[b], compact.w2[b]) for b in range(x.shape[0])])
+    return out if layer.ffn_out_norm is None else F.rms_norm(out, (out.shape[-1],), layer.ffn_out_norm, model.eps)
 
 
 def decode_step(
@@ -217,13 +260,18 @@ def decode_step(
 ) -> torch.Tensor:
     """One token per sequence (``tokens`` ``[B]``) through the whole model; returns logits ``[B, V]``."""
     x = model.embed[tokens].to(model.dtype)  # [B, d]
+    if model.embed_scale != 1.0:
+        x = x * torch.tensor(model.embed_scale, dtype=model.embed.dtype).to(model.dtype)
     for index, layer in enumerate(model.layers):
         attn_in = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, model.eps)
         x = x + _attention(model, layer, attn_in, cache, index, step)
         ffn_in = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm, model.eps)
-        x = x + _ffn(layer, compacts.get(index), ffn_in)
+        x = x + _ffn(model, layer, compacts.get(index), ffn_in)
     x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
-    return linear(x, model.lm_head)
+    logits = linear(x, model.lm_head)
+    if model.softcap:
+        logits = torch.tanh(logits / model.softcap) * model.softcap
+    return logits
 
 
 @dataclass
@@ -232,8 +280,7 @@ class LeanState:
 
     cache: KVCache
     compacts: dict[int, CompactLayer]
-    cos: torch.Tensor  # [length, hd]
-    sin: torch.Tensor
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # kind -> cos, sin [length, hd]
     positions: torch.Tensor  # [B]: rope position of the last token fed
     slot: int  # the next cache slot to write
     padded: bool  # whether any prompt is left-padded (then attention needs a mask)
@@ -263,18 +310,17 @@ class LeanBackend:
         compacts = model.gather({layer: session.neurons[layer] for layer in session.layers}) if session else {}
         cache = KVCache.allocate(model, mask.shape[0], length)
         cache.fill(hf_cache, mask)
-        cos, sin = model.rope_tables(length)
-        return LeanState(cache, compacts, cos, sin, mask.sum(-1) - 1, mask.shape[1], not bool(mask.all()))
+        return LeanState(cache, compacts, model.rope_tables(length), mask.sum(-1) - 1, mask.shape[1], not bool(mask.all()))
 
     def step(self, state: LeanState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (``[B]``); logits ``[B, V]`` for the next."""
         slot = state.slot
         state.positions = state.positions + 1
         state.cache.valid[:, slot] = True
+        rows = state.positions
         step = _Step(
             slot=slot,
-            cos=state.cos[state.positions][:, None, None],
-            sin=state.sin[state.positions][:, None, None],
+            rope={kind: (cos[rows][:, None, None], sin[rows][:, None, None]) for kind, (cos, sin) in state.rope.items()},
             mask=state.cache.valid[:, None, None, : slot + 1] if state.padded else None,
         )
         state.slot += 1
