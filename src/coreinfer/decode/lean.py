@@ -149,13 +149,15 @@ class LeanModel:
         return compacts
 
     def rope_tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """cos and sin ``[length, hd]`` per rope kind, from the HF model's own rotary module (any scaling)."""
+        """cos and signed sin ``[length, hd]`` per rope kind, from the HF model's own rotary module (any scaling)."""
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         tables = {}
         for kind in sorted({layer.rope for layer in self.layers}):
             cos, sin = self.rotary(probe, positions, kind) if self.gemma else self.rotary(probe, positions)
-            tables[kind] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+            sin = sin[0].clone()
+            sin[:, : self.head_dim // 2] *= -1  # see _rotate
+            tables[kind] = (cos[0].to(self.dtype), sin.to(self.dtype))
         return tables
 
 
@@ -208,10 +210,11 @@ class _Step:
     mask: Optional[torch.Tensor]  # [B, 1, 1, slot + 1] bool, or None when nothing is padding
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rope in three ops: ``signed_sin`` carries the minus sign of rotate_half's first half."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCache, index: int, step: _Step):
@@ -221,13 +224,14 @@ def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCac
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
     qkv = qkv.view(batch, 1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, 1, hd]
-    q, k, v = qkv.split([h, kv, kv], dim=1)
+    qk, v = qkv[:, : h + kv], qkv[:, h + kv :]
     if layer.q_norm is not None:
-        q = F.rms_norm(q, (hd,), layer.q_norm, model.eps)
-        k = F.rms_norm(k, (hd,), layer.k_norm, model.eps)
+        qk = torch.cat([F.rms_norm(qk[:, :h], (hd,), layer.q_norm, model.eps),
+                        F.rms_norm(qk[:, h:], (hd,), layer.k_norm, model.eps)], dim=1)
     cos, sin = step.rope[layer.rope]
-    q = _rotate(q, cos, sin)
-    cache.keys[index][:, :, step.slot : step.slot + 1] = _rotate(k, cos, sin)
+    qk = _rotate(qk, cos, sin)  # queries and keys together
+    q = qk[:, :h]
+    cache.keys[index][:, :, step.slot : step.slot + 1] = qk[:, h:]
     cache.values[index][:, :, step.slot : step.slot + 1] = v
     # A sliding-window layer sees the last ``window`` slots (left padding keeps slot distances).
     first = max(0, step.slot + 1 - layer.window) if layer.window else 0
@@ -264,9 +268,9 @@ def decode_step(
         x = x * torch.tensor(model.embed_scale, dtype=model.embed.dtype).to(model.dtype)
     for index, layer in enumerate(model.layers):
         attn_in = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, model.eps)
-        x = x + _attention(model, layer, attn_in, cache, index, step)
+        x.add_(_attention(model, layer, attn_in, cache, index, step))
         ffn_in = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm, model.eps)
-        x = x + _ffn(model, layer, compacts.get(index), ffn_in)
+        x.add_(_ffn(model, layer, compacts.get(index), ffn_in))
     x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
     logits = linear(x, model.lm_head)
     if model.softcap:
