@@ -195,12 +195,12 @@ class Runners:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(_last_logits(llm)))
         tokens = [token]
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(_last_logits(llm)))
             tokens.append(token)
         end = time.perf_counter()
         return Timing(len(prompt), new_tokens, 1, first - start, end - first, tokens)
@@ -235,6 +235,15 @@ class Runners:
         llm.eval(ids)
         start = len(item.prompt) - 1
         return torch.tensor([int(llm.scores[start + i].argmax()) for i in range(len(item.continuation))])
+
+
+def _last_logits(llm):
+    """The last evaluated token's logits. Without ``logits_all``, llama-cpp-python >= 0.3 no longer
+    copies them into ``llm.scores`` (which then stays zero: argmax 0 every step), so read the context."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
 
 
 # Memory bandwidth and bytes per token
@@ -506,16 +515,17 @@ def goals(rows: list[dict]) -> dict:
 
 
 def markdown_table(report: BenchReport) -> str:
-    head = ("| config | keep | weights | decode tok/s | × HF | × llama.cpp | greedy agree | forced agree | flag "
-            "| prefill tok/s | peak RSS MB | MB/token | of limit |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| config | keep | weights | FFN density | decode tok/s | × HF | × llama.cpp | same tokens until | greedy agree "
+            "| forced agree | flag | prefill tok/s | peak RSS MB | MB/token | of limit |")
+    lines = [head, "|" + "---|" * 15]
     for r in report.rows:
         llama = "" if r["ratio_vs_llamacpp"] is None else f"{r['ratio_vs_llamacpp']:.2f}"
         forced = "" if r.get("forced_agreement") is None else f"{r['forced_agreement']:.2f}"
         flag = "**below prediction**" if r.get("flagged") else ""
         lines.append(
-            f"| {r['config']} | {'' if r['keep'] is None else r['keep']} | {r['weights']} | {r['decode_tok_s']:.1f} "
-            f"| {r['ratio_vs_hf']:.2f} | {llama} | {r['greedy_agreement']:.2f} | {forced} | {flag} "
+            f"| {r['config']} | {'' if r['keep'] is None else r['keep']} | {r['weights']} | {r['ffn_density']:.2f} "
+            f"| {r['decode_tok_s']:.1f} | {r['ratio_vs_hf']:.2f} | {llama} | {r['first_divergence']} "
+            f"| {r['greedy_agreement']:.2f} | {forced} | {flag} "
             f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb'] or ''} | {r['weight_mb_per_token']:.0f} "
             f"| {r['fraction_of_bandwidth_limit']:.2f} |"
         )
@@ -524,8 +534,10 @@ def markdown_table(report: BenchReport) -> str:
         f"Read bandwidth {report.machine['read_bandwidth_gb_s']} GB/s, {report.machine['threads']} threads, "
         f"{report.settings['prompt_tokens']} prompt tokens, {report.settings['max_new_tokens']} new tokens, "
         f"median of {report.settings['repeats']} interleaved runs. Agreement is with the fp32 dense reference: "
-        f"greedy = share of the timed tokens equal position by position; forced = teacher-forced top-1 over "
-        f"{report.settings['quality_items_used']} GSM8K answers."
+        f"same tokens until = how many timed tokens match before the first difference; greedy = share of the "
+        f"timed tokens equal position by position; forced = teacher-forced top-1 over "
+        f"{report.settings['quality_items_used']} GSM8K answers (flagged: more than {FLAG_MARGIN} below the same "
+        f"selection in fp32 times the weight format's dense agreement)."
     )
     return "\n".join(lines) + "\n"
 
