@@ -33,6 +33,8 @@ def test_generate_reads_stdin_and_dense_flag(real_engine):
     "args, message",
     [
         (["generate", "hi", "--keep", "1.5"], "keep must lie in"),
+        (["generate", "hi", "--keep", "most"], 'or "auto"'),
+        (["generate", "hi", "--quality", "0"], "quality must lie in"),
         (["generate", "hi", "--alpha", "0"], "alpha must lie in"),
         (["generate", "hi", "--rule", "bogus"], "unknown selection rule"),
         (["generate", "hi", "--model", "/nonexistent/model.gguf"], "no model at"),
@@ -71,3 +73,13 @@ def test_default_runs_the_lean_backend(real_engine):
 def test_unknown_backend_or_weights_is_refused(real_engine, extra):
     result = runner.invoke(app, ["generate", "hi", *extra], input="")
     assert result.exit_code == 2 and ("weights must be one of" in result.output or "backend must be one of" in result.output)
+
+
+@pytest.mark.real_model
+def test_default_chooses_the_density_and_says_so(real_engine):
+    result = runner.invoke(app, ["generate", "Why is the sky blue?", "--json", "--max-new-tokens", "24"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["rule"] == "griffin" and payload["dense_tokens"] == 16
+    assert 0 < payload["keep"] <= 1.0 and 0 < payload["ffn_density"] <= 1.0
+    assert (payload["keep"] == 1.0) == (payload["ffn_density"] == 1.0)

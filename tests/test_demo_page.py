@@ -15,7 +15,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage",
 ]
-STATS = re.compile(r"(\d+\.\d) tok/s · FFN density (\d\.\d{3}) · done")
+STATS = re.compile(r"(\d+\.\d) tok/s · FFN density (\d\.\d{3})(?: · keep \d\.\d\d)? · done")
 
 
 def system_chromium() -> tuple[str, str]:
@@ -66,6 +66,11 @@ def test_demo_streams_dense_and_coreinfer_side_by_side(real_engine, browser):
             return all(STATS.search(driver.find_element(By.ID, f"{pane}-stats").text) for pane in ("dense", "sparse"))
 
         WebDriverWait(browser, 180, poll_frequency=0.2).until(both_done)
+        # Beside the speed, how close the sparse answer is to the dense one.
+        WebDriverWait(browser, 10, poll_frequency=0.2).until(
+            lambda driver: "ROUGE-L vs dense" in driver.find_element(By.ID, "sparse-stats").text
+        )
+        assert "keep 0.40" in browser.find_element(By.ID, "sparse-stats").text  # the server's default, shown
         for pane, dense in (("dense", True), ("sparse", False)):
             text = browser.find_element(By.ID, f"{pane}-text").text
             rate, density = STATS.search(browser.find_element(By.ID, f"{pane}-stats").text).groups()

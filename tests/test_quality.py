@@ -199,3 +199,60 @@ def test_headline_table_puts_each_rule_on_one_line():
     lines = headline_table(rows).splitlines()
     assert len(lines) == 3
     assert lines[2] == "| s (5.00) | magnitude | 9.50 / 0.500 @ 0.56 | 7.25 / 0.700 @ 0.71 |"
+
+
+@pytest.mark.real_model
+def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    answer = "The sky looks blue because air scatters short blue wavelengths of sunlight far more than red ones."
+    data.write_text(json.dumps({"prompt": "Why is the sky blue?", "continuation": answer}) + "\n")
+    out = tmp_path / "q.json"
+    result = CliRunner().invoke(app, ["quality", "--data", str(data), "--calibration", "1", "--data-items", "1",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rule"] for r in rows] == ["dense", "default"]
+    default = rows[1]
+    assert 0 < default["ffn_density"] <= 1.0 and default["warmup"] == 16 and "agreement_after_warmup" in default
+
+
+def test_fact_questions_parse_and_match(tmp_path):
+    from coreinfer.quality import fact_present, load_fact_questions
+
+    shipped = load_fact_questions()
+    assert len(shipped) >= 20 and all(q.facts for q in shipped)
+    assert fact_present("carbon dioxide|CO2", "Plants take in co2.") and not fact_present("Paris", "It is Lyon.")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q?"}) + "\n")
+    with pytest.raises(ValueError, match="needs a 'question' and a non-empty 'facts'"):
+        load_fact_questions(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_fact_questions(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.real_model
+def test_answers_report_facts_kept(real_engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hello.", "continuation": "Hello there, how are you today?"}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "What is the capital of France?", "facts": ["Paris"]},
+        {"question": "How many legs does a spider have?", "facts": ["eight|8"]},
+    ]) + "\n")
+    out = tmp_path / "q.json"
+    args = ["quality", "--data", str(data), "--calibration", "1", "--data-items", "1", "--answers", str(answers),
+            "--answers-tokens", "20", "--json", str(out), "--weights", "fp32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    facts = json.loads(out.read_text())["facts"]
+    assert [r["rule"] for r in facts] == ["dense", "default"]
+    assert facts[0]["facts_kept"] == 1.0 and facts[0]["dense_facts"] >= 1  # lean fp32 dense is the reference
+    assert 0.0 <= facts[1]["facts_kept"] <= 1.0 and "Facts kept" in result.stdout

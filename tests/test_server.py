@@ -58,7 +58,7 @@ def test_completion_matches_the_engine(client, real_engine):
     assert response.status_code == 200, response.text
     body = response.json()
     expected = real_engine.generate(
-        prompt, SparsityConfig(keep=0.5, rule="adaptive"), SamplingConfig(max_new_tokens=5), chat=False
+        prompt, SparsityConfig(keep=0.5, rule="griffin"), SamplingConfig(max_new_tokens=5), chat=False
     )
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == expected.text
@@ -88,10 +88,10 @@ def test_chat_applies_the_template_to_the_whole_conversation(client, real_engine
 
 def test_chat_defaults_come_from_the_server(client, real_engine):
     body = client.post("/v1/chat/completions", json=chat_body()).json()
-    expected = real_engine.generate(QUESTION, SparsityConfig(keep=0.4, rule="adaptive"), SamplingConfig(max_new_tokens=6))
+    expected = real_engine.generate(QUESTION, SparsityConfig(keep=0.4, rule="griffin"), SamplingConfig(max_new_tokens=6))
     assert body["choices"][0]["message"]["content"] == expected.text
     assert body["usage"]["completion_tokens"] == expected.new_tokens
-    assert body["coreinfer"]["keep"] == 0.4 and body["coreinfer"]["rule"] == "adaptive"
+    assert body["coreinfer"]["keep"] == 0.4 and body["coreinfer"]["rule"] == "griffin"
 
 
 def test_streaming_chat_sends_openai_chunks_then_done(client):

@@ -152,11 +152,14 @@ def test_cluster_then_generate_end_to_end_on_a_tiny_model(real_engine, tmp_path)
     meta = json.loads((tmp_path / "c" / "clusters.json").read_text())
     assert meta["k"] == 2 and meta["model"] == "tiny" and meta["layer"] == 6
     args = ["generate", "What is 4+4?", "--model", str(model_dir), "--no-chat", "--json", "--max-new-tokens", "4"]
-    result = runner.invoke(app, args + ["--method", "similarity", "--clusters", str(tmp_path / "c")])
+    refused = runner.invoke(app, args + ["--method", "similarity", "--clusters", str(tmp_path / "c")])
+    assert refused.exit_code == 2 and "needs a number for --keep" in refused.output
+    result = runner.invoke(app, args + ["--method", "similarity", "--clusters", str(tmp_path / "c"), "--keep", "0.4"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["method"] == "similarity" and payload["cluster"] in (0, 1)
     assert 0 < payload["ffn_density"] < 1
     # the default model refuses these clusters with a clear message
-    refused = runner.invoke(app, ["generate", "hi", "--method", "similarity", "--clusters", str(tmp_path / "c")])
+    refused = runner.invoke(app, ["generate", "hi", "--method", "similarity", "--clusters", str(tmp_path / "c"),
+                                   "--keep", "0.4"])
     assert refused.exit_code == 2 and "made for model 'tiny'" in refused.output

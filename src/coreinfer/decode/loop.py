@@ -9,6 +9,7 @@ token per sequence through the model (``step``).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from ..config import SamplingConfig
+from .auto import choose_keep
 
 
 class DecodeBackend(Protocol):
@@ -42,6 +44,7 @@ class GenerationResult:
     keep: Optional[float] = None
     backend: str = "reference"
     weights: str = "model"
+    dense_tokens: int = 0  # keep="auto": the answer's first tokens, decoded densely before the choice
 
     @property
     def decode_tok_s(self) -> float:
@@ -63,6 +66,7 @@ class GenerationResult:
             "ffn_density": round(self.ffn_density, 5),
             "backend": self.backend,
             "weights": self.weights,
+            "dense_tokens": self.dense_tokens,
         }
 
 
@@ -172,9 +176,14 @@ def generate(
     seqs = [_Sequence(len(p), engine.generator(sampling.seed)) for p in prompts]
     tracker = _Tracker(engine, seqs, sampling, set() if ignore_eos else engine.eos_ids(), on_token)
 
+    auto = sparsity is not None and sparsity.auto
+    if auto and selector is not None:
+        raise ValueError('keep="auto" chooses the keep itself; it does not take a custom selector')
+
     start = time.perf_counter()
-    session = engine.new_session(sparsity, mask, selector)
+    session = None if auto else engine.new_session(sparsity, mask, selector)
     logits, hf_cache = engine.prefill(ids, mask, session)
+    prompt_cache = copy.deepcopy(hf_cache) if auto else None  # the reference backend grows hf_cache
     sync(device)
     prefill_s = time.perf_counter() - start
 
@@ -187,10 +196,24 @@ def generate(
     start = time.perf_counter()
     logits = logits[:, -1, :]
     pad = engine.pad_id()
+    keep = sparsity.keep if sparsity is not None and not auto else None
+    dense_tokens = 0
     while True:
         tokens = pick_tokens(logits, sampling, seqs)
         if tracker.advance(tokens):
             break
+        if auto and dense_tokens == 0 and len(max(seqs, key=lambda s: len(s.ids)).ids) >= sparsity.warmup:
+            # Warm-up done: measure the density this answer allows, then decode the rest with it.
+            chosen = time.perf_counter()
+            dense_tokens = sparsity.warmup
+            choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask,
+                                 live=[not s.finish_reason for s in seqs])
+            session, keep, logits = choice.session, choice.keep, choice.logits
+            remaining = sampling.max_new_tokens - dense_tokens + 1
+            state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
+            select_s += time.perf_counter() - chosen
+            start += time.perf_counter() - chosen  # decode time excludes the choice
+            continue
         feed = [pad if s.finish_reason else t for s, t in zip(seqs, tokens)]
         logits = backend.step(state, torch.tensor(feed, device=device))
     sync(device)
@@ -198,6 +221,8 @@ def generate(
     tracker.finish()
 
     density = session.ffn_density() if session is not None else 1.0
+    if auto and keep is None:  # the answer ended within its warm-up: all of it was dense
+        keep = 1.0
     return [
         GenerationResult(
             text=s.text,
@@ -209,9 +234,10 @@ def generate(
             select_s=select_s,
             decode_s=decode_s,
             ffn_density=density,
-            keep=sparsity.keep if sparsity is not None else None,
+            keep=keep,
             backend=backend.name,
             weights=backend.weights,
+            dense_tokens=min(dense_tokens, len(s.ids)) if auto and dense_tokens else (len(s.ids) if auto else 0),
         )
         for s in seqs
     ]
