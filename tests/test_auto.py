@@ -113,3 +113,12 @@ def test_bad_auto_settings_are_refused(engine):
 
 def test_the_default_is_auto():
     assert DEFAULT_SPARSITY.keep == "auto"
+
+
+def test_cli_and_server_defaults_are_the_library_default():
+    from coreinfer import cli
+    from coreinfer.server import ServerSettings
+
+    assert cli.DEFAULT_QUALITY == DEFAULT_SPARSITY.quality
+    settings = ServerSettings()
+    assert (settings.keep, settings.rule, settings.quality) == ("auto", "griffin", DEFAULT_SPARSITY.quality)

@@ -31,7 +31,7 @@ def report():
 
 def test_rows_name_every_configuration(report):
     names = [r["config"] for r in report.rows]
-    assert names == ["hf_dense", "reference_dense", "lean_dense_fp32", "lean_dense_bf16", "default_adaptive0.6_bf16",
+    assert names == ["hf_dense", "reference_dense", "lean_dense_fp32", "lean_dense_bf16", "default_bf16",
                      "coreinfer_k1_bf16", "coreinfer_k0.4_bf16", "coreinfer_k0.4_fp32"]
     for row in report.rows:
         assert ROW_KEYS <= set(row)

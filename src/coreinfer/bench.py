@@ -28,19 +28,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import SamplingConfig, SparsityConfig
+from .config import DEFAULT_SPARSITY, SamplingConfig, SparsityConfig
 from .decode.lean import LeanModel
 from .decode.weights import default_weights
 from .engine import Engine
 from .offload_bench import peak_rss_mb as process_peak_rss_mb
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
-# What `coreinfer generate` runs with no options (the CLI's defaults).
-DEFAULT_RULE, DEFAULT_KEEP = "adaptive", 0.6
 # A row is flagged when its agreement falls this far below what its selection and weights predict.
 FLAG_MARGIN = 0.05
 
@@ -51,7 +49,7 @@ class BenchConfig:
 
     name: str
     kind: str
-    keep: Optional[float] = None
+    keep: Union[float, str, None] = None
     weights: str = "fp32"
     rule: str = "coreinfer"
     backend: str = "lean"
@@ -95,7 +93,8 @@ def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchC
     ]
     if weights != "fp32":
         configs.append(BenchConfig(f"lean_dense_{weights}", "engine", weights=weights))
-    configs.append(BenchConfig(f"default_{DEFAULT_RULE}{DEFAULT_KEEP:g}_{weights}", "engine", DEFAULT_KEEP, weights, DEFAULT_RULE))
+    # What `coreinfer generate` runs with no options.
+    configs.append(BenchConfig(f"default_{weights}", "engine", DEFAULT_SPARSITY.keep, weights, DEFAULT_SPARSITY.rule))
     configs += [BenchConfig(f"coreinfer_k{k:g}_{weights}", "engine", keep=k, weights=weights) for k in settings.keeps]
     # Sparsity alone, without quantisation.
     if weights != "fp32":
@@ -122,6 +121,7 @@ class Timing:
     prefill_s: float
     decode_s: float
     token_ids: list[int] = field(default_factory=list)  # the first sequence's greedy tokens
+    ffn_density: float = 1.0  # as the run reported it (keep="auto" chooses it per run)
 
     @property
     def decode_tok_s(self) -> float:
@@ -184,7 +184,8 @@ class Runners:
             backend=config.backend, weights=config.weights if config.backend == "lean" else None, ignore_eos=True,
         )
         r = results[0]
-        return Timing(r.prompt_tokens, r.new_tokens, batch, r.prefill_s, r.select_s + r.decode_s, r.token_ids)
+        return Timing(r.prompt_tokens, r.new_tokens, batch, r.prefill_s, r.select_s + r.decode_s, r.token_ids,
+                      r.ffn_density)
 
     def _run_llamacpp(self, config, prompt, new_tokens, batch) -> Timing:
         import numpy as np
@@ -266,13 +267,6 @@ def bytes_per_token(runners: Runners, config: BenchConfig, ffn_density: float, g
         return Path(gguf).stat().st_size
     weights = config.weights if config.kind == "engine" and config.backend == "lean" else "fp32"
     return runners.lean_model(weights).weight_bytes_per_token(ffn_density)
-
-
-def ffn_density(engine: Engine, prompt: list[int], sparsity: Optional[SparsityConfig]) -> float:
-    if sparsity is None:
-        return 1.0
-    result = engine.generate_ids([prompt], sparsity, SamplingConfig(max_new_tokens=1))[0]
-    return result.ffn_density
 
 
 # Peak memory, one fresh process per configuration
@@ -431,7 +425,7 @@ def run_bench(
 
     rows = []
     for config in configs:
-        density = ffn_density(engine, prompt, config.sparsity())
+        density = timings[config.name][-1].ffn_density
         weight_bytes = bytes_per_token(runners, config, density, gguf)
         decode = _median(timings[config.name], "decode_tok_s")
         limit = bandwidth / weight_bytes
@@ -440,6 +434,7 @@ def run_bench(
             "kind": config.kind,
             "backend": config.backend if config.kind == "engine" else config.kind,
             "keep": config.keep,
+            "dense_tokens": DEFAULT_SPARSITY.warmup if config.keep == "auto" else 0,
             "rule": config.rule if config.keep is not None else None,
             "weights": "q4_1" if config.kind == "llamacpp" else config.weights,
             "ffn_density": round(density, 4),
@@ -497,7 +492,7 @@ def run_scaling(runners: Runners, settings: BenchSettings, prompt: list[int], pr
 def goals(rows: list[dict]) -> dict:
     """Where the speed goals stand in this run, each with the agreement measured beside it."""
     by_name = {r["config"]: r for r in rows}
-    default = next((r for r in rows if r["config"].startswith("default_")), None)
+    default = next((r for r in rows if r["config"].startswith("default_")), None)  # `coreinfer generate`
     dense = by_name.get("lean_dense_fp32")
     int8 = [r["fraction_of_bandwidth_limit"] for r in rows if r["weights"] == "int8"]
     return {
