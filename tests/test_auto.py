@@ -122,3 +122,10 @@ def test_cli_and_server_defaults_are_the_library_default():
     assert cli.DEFAULT_QUALITY == DEFAULT_SPARSITY.quality
     settings = ServerSettings()
     assert (settings.keep, settings.rule, settings.quality) == ("auto", "griffin", DEFAULT_SPARSITY.quality)
+
+
+def test_unknown_rule_error_lists_every_rule():
+    with pytest.raises(ValueError, match="unknown selection rule") as err:
+        SparsityConfig(rule="bogus")
+    for rule in ("adaptive", "coreinfer", "griffin", "magnitude", "official", "random"):
+        assert rule in str(err.value)

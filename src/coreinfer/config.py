@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .selection import check_fraction, default_sparse_layers, get_rule
+from .selection import RULES, check_fraction, default_sparse_layers
 
 # Rules that need more than one prompt's activations (a per-model calibration):
 # the engine builds their selector. For them ``keep`` is the FFN density to aim
@@ -46,8 +46,9 @@ class SparsityConfig:
         check_fraction("quality", self.quality)
         if not isinstance(self.warmup, int) or self.warmup < 2:
             raise ValueError(f"warmup must be an integer of at least 2 tokens, got {self.warmup!r}")
-        if self.rule not in SELECTOR_RULES:
-            get_rule(self.rule)
+        if self.rule not in SELECTOR_RULES and self.rule not in RULES:
+            choices = sorted([*RULES, *SELECTOR_RULES])
+            raise ValueError(f"unknown selection rule {self.rule!r}; choose one of {choices}")
 
     @property
     def auto(self) -> bool:
