@@ -154,6 +154,7 @@ class Runners:
         self.gguf = gguf
         self.pad_id = pad_id if pad_id is not None else engine.pad_id() if engine is not None else 0
         self.llama = None
+        self._llama_all = None  # a second instance keeping every position's logits, for teacher forcing
         if gguf is not None:
             from llama_cpp import Llama
 
@@ -227,7 +228,7 @@ class Runners:
     def _llamacpp_predictions(self, item) -> torch.Tensor:
         from llama_cpp import Llama
 
-        if getattr(self, "_llama_all", None) is None:
+        if self._llama_all is None:
             self._llama_all = Llama(model_path=self.gguf, n_ctx=2048, logits_all=True,
                                     n_threads=torch.get_num_threads(), verbose=False)
         llm = self._llama_all

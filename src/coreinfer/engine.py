@@ -509,12 +509,12 @@ class Engine:
         """
         cont = list(continuation)
         warm = sparsity.warmup
+        if len(cont) <= warm:  # the whole continuation falls in the dense warm-up
+            logits, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
+            return logits[0], None, 1.0
         with self.lock:
             ids, mask = self.left_pad([prompt])
             first, cache = self.prefill(ids, mask, None)
-            if len(cont) <= warm:  # the whole continuation falls in the dense warm-up
-                logits, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
-                return logits[0], None, 1.0
             choice = choose_keep(self, [prompt], [cont[:warm]], sparsity, cache, mask)
             rest = torch.tensor([cont[warm:]], device=self.device)
             chosen = self.backend(backend, weights, length=choice.mask.shape[1] + rest.shape[1])

@@ -23,7 +23,9 @@ import torch
 from .config import DEFAULT_SPARSITY
 from .decode.loop import DecodeBackend, forced_logits
 from .decode.reference import ReferenceBackend
-from .engine import Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection
+from .engine import (
+    ActivationRecorder, Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection,
+)
 from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, top_neurons
 
 DENSE = "dense"
@@ -153,17 +155,6 @@ class RankedSelector:
         return take_top(self.cache[key], self.keep)
 
 
-class _ActivationRecorder:
-    """A selector that keeps every neuron and remembers the prompt's activations, per layer."""
-
-    def __init__(self) -> None:
-        self.acts: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        self.acts[layer] = acts.clone()
-        return torch.arange(acts.shape[-1], device=acts.device)
-
-
 # Prefill once, score many configurations
 
 
@@ -182,11 +173,11 @@ class Prefilled:
 @torch.inference_mode()
 def prefill(engine: Engine, item: Item) -> Prefilled:
     ids, mask = engine.left_pad([item.prompt])
-    recorder = _ActivationRecorder()
+    recorder = ActivationRecorder()
     every_layer = SparsityConfig(keep=1.0, layers=tuple(range(engine.num_layers)))
     session = SparseSession(every_layer, engine.ffns, mask, recorder)
     first, cache = engine.prefill(ids, mask, session)
-    return Prefilled(item, mask, first[:, -1:, :], cache, recorder.acts)
+    return Prefilled(item, mask, first[:, -1:, :], cache, {layer: a[0] for layer, a in recorder.acts.items()})
 
 
 @torch.inference_mode()
@@ -218,8 +209,9 @@ def score(
         # The masked dense FFN gives the compact path's numbers (tested) without gathering
         # weights per config, which costs more than the FFN work it saves on a short continuation.
         # The forward appends to the cache; a copy keeps the prompt's cache for the next config.
-        state = ReferenceBackend(engine, masked=True).start(session, copy.deepcopy(pre.cache), pre.mask, 0)
-        logits = engine.score_continuation(state, ReferenceBackend(engine, masked=True), cont)[:, :-1]
+        masked = ReferenceBackend(engine, masked=True)
+        state = masked.start(session, copy.deepcopy(pre.cache), pre.mask, 0)
+        logits = engine.score_continuation(state, masked, cont)[:, :-1]
     logits = torch.cat([pre.first_logits.float(), logits.float()], dim=1)[0]
     return logits, density
 

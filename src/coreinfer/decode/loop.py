@@ -196,20 +196,21 @@ def generate(
     start = time.perf_counter()
     logits = logits[:, -1, :]
     pad = engine.pad_id()
-    keep = sparsity.keep if sparsity is not None and not auto else None
-    dense_tokens = 0
+    # keep="auto" decides once, after the warm-up; until then (or if the answer ends first) it is dense.
+    keep = 1.0 if auto else sparsity.keep if sparsity is not None else None
+    warming = auto
     while True:
         tokens = pick_tokens(logits, sampling, seqs)
         if tracker.advance(tokens):
             break
-        if auto and dense_tokens == 0 and len(max(seqs, key=lambda s: len(s.ids)).ids) >= sparsity.warmup:
+        if warming and max(len(s.ids) for s in seqs) >= sparsity.warmup:
             # Warm-up done: measure the density this answer allows, then decode the rest with it.
+            warming = False
             chosen = time.perf_counter()
-            dense_tokens = sparsity.warmup
             choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask,
                                  live=[not s.finish_reason for s in seqs])
             session, keep, logits = choice.session, choice.keep, choice.logits
-            remaining = sampling.max_new_tokens - dense_tokens + 1
+            remaining = sampling.max_new_tokens - sparsity.warmup + 1
             state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
             select_s += time.perf_counter() - chosen
             start += time.perf_counter() - chosen  # decode time excludes the choice
@@ -221,8 +222,6 @@ def generate(
     tracker.finish()
 
     density = session.ffn_density() if session is not None else 1.0
-    if auto and keep is None:  # the answer ended within its warm-up: all of it was dense
-        keep = 1.0
     return [
         GenerationResult(
             text=s.text,
@@ -237,7 +236,7 @@ def generate(
             keep=keep,
             backend=backend.name,
             weights=backend.weights,
-            dense_tokens=min(dense_tokens, len(s.ids)) if auto and dense_tokens else (len(s.ids) if auto else 0),
+            dense_tokens=min(sparsity.warmup, len(s.ids)) if auto else 0,
         )
         for s in seqs
     ]
