@@ -65,7 +65,16 @@ def test_default_runs_the_lean_backend(real_engine):
     result = runner.invoke(app, ["generate", "Name a colour.", "--json", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["backend"] == "lean" and payload["weights"] in ("int8", "fp32")
+    assert payload["backend"] == "lean" and payload["weights"] in ("bf16", "fp32")
+
+
+@pytest.mark.real_model
+def test_default_dense_answer_reads_like_full_precision(real_engine):
+    """The prompt on which dense int8 looped ("1.1.1.1..."): the default weights answer as fp32 does."""
+    args = ["generate", "Give me three tips for sleeping better.", "--dense", "--json", "--max-new-tokens", "24"]
+    default = json.loads(runner.invoke(app, args).stdout)
+    reference = json.loads(runner.invoke(app, [*args, "--backend", "reference"]).stdout)
+    assert default["text"] == reference["text"]
 
 
 @pytest.mark.real_model

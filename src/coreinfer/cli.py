@@ -19,7 +19,7 @@ QUALITY_HELP = ("keep auto: share of the dense model's predictions over the answ
 RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense layers + even budget, mass ranking), "
              "coreinfer (the paper's Eq. 1-2), official, magnitude or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
-WEIGHTS_HELP = "Lean weight format: auto (int8 on a CPU with AVX-512 BF16/AMX, bf16 on CUDA, else fp32), fp32, bf16 or int8."
+WEIGHTS_HELP = "Lean weight format: auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8."
 
 
 @app.callback()

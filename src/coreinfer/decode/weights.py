@@ -38,14 +38,13 @@ def cpu_has_native_bf16() -> bool:
 def default_weights(device: torch.device) -> str:
     """The weight format the lean backend uses unless told otherwise.
 
-    bf16 on CUDA (tensor cores; int8 has no fast weight-only kernel there in
-    PyTorch); int8 on a CPU with native bf16 (PyTorch's int8 kernel takes bf16
-    activations and halves the bytes read again); fp32 elsewhere.
+    bf16 on CUDA and on a CPU with native bf16; fp32 elsewhere. int8 (about twice
+    bf16's speed on such a CPU) stays opt-in: read on everyday prompts, dense int8
+    on SmolLM2 turned "Give me three tips for sleeping better." into a loop of
+    "1.1.1.1..." where fp32 and bf16 answer properly. A default must not write that.
     """
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         return "bf16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "int8"
     return "fp32"
 
 
