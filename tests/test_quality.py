@@ -256,3 +256,26 @@ def test_answers_report_facts_kept(real_engine, tmp_path):
     assert [r["rule"] for r in facts] == ["dense", "default"]
     assert facts[0]["facts_kept"] == 1.0 and facts[0]["dense_facts"] >= 1  # lean fp32 dense is the reference
     assert 0.0 <= facts[1]["facts_kept"] <= 1.0 and "Facts kept" in result.stdout
+
+
+@pytest.mark.parametrize("rule", ["wina", "coverage", "glass"])
+def test_candidate_rules_score_like_continuation_logits(llama, rule):
+    from coreinfer.quality import Config
+
+    prior = calibrate_static(llama, _items(2, seed=7))
+    item = _items(1)[0]
+    pre = prefill(llama, item)
+    sparsity, selector = Config(rule, 0.5).plan(llama, None, prior, {})
+    fast, density = score(llama, pre, sparsity, selector)
+    (ref,), session = llama.continuation_logits([item.prompt], [item.continuation], sparsity, selector=selector)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert density == pytest.approx(session.ffn_density()) and density < 1.0
+    dense, _ = score(llama, pre, None)
+    assert not torch.allclose(fast, dense)
+
+
+def test_sweep_adds_a_default_row_at_its_quality():
+    from coreinfer.quality import Config, sweep
+
+    configs = sweep(["griffin", "default"], [0.5], [0.2], quality=0.9)
+    assert Config("default", quality=0.9) in configs and Config("griffin", 0.5) in configs

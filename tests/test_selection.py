@@ -108,3 +108,35 @@ def test_default_layers_leave_the_edges_dense():
     assert default_sparse_layers(30) == tuple(range(4, 26))  # as the harness issue's layers 4-25
     assert default_sparse_layers(32) == tuple(range(4, 28))
     assert default_sparse_layers(4) == (0, 1, 2, 3)
+
+
+def test_wina_prefers_the_neuron_with_the_longer_down_column():
+    from coreinfer.selection import griffin_scores, wina_scores
+
+    acts = torch.tensor([[1.0, 1.0, 0.5], [1.0, 1.0, 0.5]])
+    norms = torch.tensor([0.1, 2.0, 1.0])
+    # Equal activations tie under GRIFFIN; the column norm breaks the tie towards neuron 1.
+    assert griffin_scores(acts)[0] == griffin_scores(acts)[1]
+    scores = wina_scores(acts, norms)
+    assert scores.argmax().item() == 1 and scores[0] < scores[2]
+
+
+def test_coverage_keeps_the_fewest_neurons_holding_the_share():
+    from coreinfer.selection import coverage_core, coverage_count
+
+    scores = torch.tensor([1.0, 6.0, 3.0, 0.0])  # total 10
+    assert coverage_count(scores, 0.6) == 1  # 6 alone is 60 %
+    assert coverage_count(scores, 0.61) == 2  # 6 + 3
+    assert coverage_count(scores, 1.0) == 3  # the zero adds nothing
+    assert coverage_core(scores, 0.9).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="share"):
+        coverage_count(scores, 1.5)
+
+
+def test_fused_scores_move_from_prompt_to_prior_with_the_weight():
+    from coreinfer.selection import fused_scores
+
+    local, prior = torch.tensor([3.0, 1.0]), torch.tensor([0.0, 5.0])
+    assert torch.allclose(fused_scores(local, prior, 0.0), torch.tensor([0.75, 0.25], dtype=torch.float64))
+    assert torch.allclose(fused_scores(local, prior, 1.0), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert fused_scores(local, prior, 0.5).sum().item() == pytest.approx(1.0)

@@ -162,7 +162,7 @@ def serve(
 @app.command()
 def quality(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, or all. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, default, or all; evaluation-only candidates: wina, coverage (keep = share of each layer's GRIFFIN energy), glass. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
     keep: list[float] = typer.Option([], help="Keep fraction (repeatable; default 0.2, 0.4, 0.6, 0.8 when --rule is given)."),
     quality_target: Optional[float] = typer.Option(None, "--quality", help="Quality target of the default row (keep auto; default: the default's)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
@@ -198,7 +198,7 @@ def quality(
         if not rule and not keep:
             configs = [q.Config(q.DENSE), q.Config(q.DEFAULT, quality=quality_target)]
         else:
-            configs = q.sweep(rule or ["adaptive"], keep or [0.2, 0.4, 0.6, 0.8], alpha)
+            configs = q.sweep(rule or ["adaptive"], keep or [0.2, 0.4, 0.6, 0.8], alpha, quality_target)
         engine = load(model, device=device)
         engine.backend(backend, weights)  # refuse a bad choice before any work
         if data is not None:

@@ -26,13 +26,25 @@ from .decode.reference import ReferenceBackend
 from .engine import (
     ActivationRecorder, Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection,
 )
-from .selection import ALPHA_RULES, RANKINGS, RULES, griffin_scores, take_top, top_neurons
+from .selection import (
+    ALPHA_RULES, RANKINGS, RULES, coverage_core, fused_scores, griffin_scores, take_top,
+    top_neurons, wina_scores,
+)
 
 DENSE = "dense"
 STATIC = "static"
 ADAPTIVE = "adaptive"
 DEFAULT = "default"  # what `coreinfer generate` runs with no options (DEFAULT_SPARSITY)
-ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE)
+# Candidates measured against GRIFFIN (issue 12), evaluation-only: for `coverage`, keep is the share
+# of each layer's GRIFFIN energy to cover, so its density varies by layer and prompt.
+WINA = "wina"
+COVERAGE = "coverage"
+GLASS = "glass"
+CANDIDATES = (WINA, COVERAGE, GLASS)
+ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE, *CANDIDATES)
+# Rules needing a calibration prior over items never evaluated.
+PRIOR_RULES = (STATIC, GLASS)
+GLASS_PRIOR_WEIGHT = 0.5
 
 
 # Data
@@ -153,6 +165,46 @@ class RankedSelector:
         if key not in self.cache:
             self.cache[key] = RANKINGS[self.rule](acts, self.alpha)
         return take_top(self.cache[key], self.keep)
+
+
+@dataclass(frozen=True)
+class WinaSelector:
+    """GRIFFIN's ranking over activations weighted by the down projection's column norms."""
+
+    column_norms: dict[int, torch.Tensor]  # layer -> [N]
+    keep: float
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return top_neurons(wina_scores(acts, self.column_norms[layer]), self.keep)
+
+
+@dataclass(frozen=True)
+class CoverageSelector:
+    """Per layer, the fewest neurons holding ``share`` of the prompt's GRIFFIN energy.
+
+    Batch-1 only (the count differs between prompts), which is how `quality` evaluates.
+    """
+
+    share: float
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return coverage_core(griffin_scores(acts), self.share)
+
+
+@dataclass(frozen=True)
+class GlassSelector:
+    """The prompt's GRIFFIN scores fused with a prior over calibration items (GLASS-style)."""
+
+    prior: dict[int, torch.Tensor]  # layer -> [N]
+    keep: float
+    prior_weight: float = GLASS_PRIOR_WEIGHT
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return top_neurons(fused_scores(griffin_scores(acts), self.prior[layer], self.prior_weight), self.keep)
+
+
+def down_column_norms(engine: Engine) -> dict[int, torch.Tensor]:
+    return {i: f.weights.down.float().norm(dim=0) for i, f in enumerate(engine.ffns)}
 
 
 # Prefill once, score many configurations
@@ -288,6 +340,12 @@ class Config:
             return SparsityConfig(keep=self.keep, rule=ADAPTIVE, layers=selector.sparse_layers()), selector
         if self.rule == STATIC:
             return self.sparsity(layers), StaticSelector(static_scores, self.keep)
+        if self.rule == WINA:
+            return self.sparsity(layers), WinaSelector(down_column_norms(engine), self.keep)
+        if self.rule == COVERAGE:
+            return self.sparsity(layers), CoverageSelector(self.keep)
+        if self.rule == GLASS:
+            return self.sparsity(layers), GlassSelector(static_scores, self.keep)
         return self.sparsity(layers), RankedSelector(self.rule, self.keep, self.alpha or 0.2, rankings)
 
 
@@ -296,15 +354,23 @@ def default_sparsity(config: Config) -> SparsityConfig:
     return replace(DEFAULT_SPARSITY, quality=config.quality or DEFAULT_SPARSITY.quality)
 
 
-def sweep(rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float]) -> list[Config]:
-    """Dense first, then every rule at every keep (and every alpha for the rules that use one)."""
+def sweep(
+    rules: Iterable[str], keeps: Sequence[float], alphas: Sequence[float], quality: Optional[float] = None
+) -> list[Config]:
+    """Dense first, then every rule at every keep (and every alpha for the rules that use one).
+
+    Rule ``default`` adds one row at ``quality`` (its keep is chosen per item).
+    """
     configs = [Config(DENSE)]
     rules = list(rules)
     if "all" in rules:
         rules = list(ALL_RULES)
     for rule in rules:
-        if rule not in ALL_RULES:
-            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(ALL_RULES)}")
+        if rule not in (*ALL_RULES, DEFAULT):
+            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join((*ALL_RULES, DEFAULT))}")
+        if rule == DEFAULT:  # keep is chosen per item
+            configs.append(Config(DEFAULT, quality=quality))
+            continue
         if rule == DENSE:
             continue
         for keep in keeps:
@@ -344,7 +410,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     static_scores = None
-    if any(c.rule == STATIC for c in configs):
+    if any(c.rule in PRIOR_RULES for c in configs):
         static_scores = calibrate_static(engine, evalset.calibration)
     stats = {config: TokenStats() for config in configs}
     after_warmup = {config: TokenStats() for config in configs if config.rule == DEFAULT}
@@ -426,7 +492,7 @@ def generation_quality(
     from tqdm.auto import tqdm
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    static_scores = calibrate_static(engine, calibration) if any(c.rule == STATIC for c in configs) else None
+    static_scores = calibrate_static(engine, calibration) if any(c.rule in PRIOR_RULES for c in configs) else None
     dense = engine.generate_ids(prompts, None, sampling, backend="reference")
     run = dict(backend=backend, weights=weights)
     rows = []
@@ -437,7 +503,7 @@ def generation_quality(
             results = engine.generate_ids(prompts, default_sparsity(config), sampling, **run)
         else:
             sparsity, selector = config.plan(engine, layers, static_scores, {})
-            if config.rule not in (STATIC, ADAPTIVE):
+            if config.rule in RULES:
                 selector = None  # the rule itself; a ranking cache is per prompt
             results = engine.generate_ids(prompts, sparsity, sampling, selector=selector, **run)
         rows.append(
@@ -511,7 +577,7 @@ def facts_kept(
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     dense = engine.generate_ids(prompts, None, sampling, backend="reference")
     dense_facts = [[f for f in q.facts if fact_present(f, d.text)] for q, d in zip(questions, dense)]
-    static_scores = calibrate_static(engine, calibration) if any(c.rule == STATIC for c in configs) else None
+    static_scores = calibrate_static(engine, calibration) if any(c.rule in PRIOR_RULES for c in configs) else None
     rows = []
     for config in tqdm(configs, desc="facts", disable=not progress, unit="cfg"):
         results = []
@@ -522,7 +588,7 @@ def facts_kept(
                 sparsity, selector = default_sparsity(config), None
             else:
                 sparsity, selector = config.plan(engine, None, static_scores, {})
-                if config.rule not in (STATIC, ADAPTIVE):
+                if config.rule in RULES:
                     selector = None
             results += engine.generate_ids([prompt], sparsity, sampling, selector=selector, backend=backend, weights=weights)
         kept = sum(fact_present(f, r.text) for facts, r in zip(dense_facts, results) for f in facts)

@@ -158,6 +158,36 @@ def select_griffin(acts: torch.Tensor, keep: float, alpha: float) -> torch.Tenso
     return take_top(rank_griffin(acts, alpha), keep)
 
 
+def wina_scores(acts: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
+    """WINA-style (arXiv 2505.19427): GRIFFIN's statistic over activations weighted by ``‖W_down[:, n]‖``.
+
+    A neuron's effect on the layer's output is its activation times its column of the down
+    projection, so a large activation on a short column matters less. ``column_norms`` is ``[N]``.
+    """
+    return griffin_scores(acts * column_norms.to(acts))
+
+
+def coverage_count(scores: torch.Tensor, share: float) -> int:
+    """The fewest top-scoring neurons whose scores sum to at least ``share`` of the total (at least one)."""
+    check_fraction("share", share)
+    ranked = torch.sort(scores.double(), descending=True).values
+    cumulative = ranked.cumsum(0)
+    return max(1, int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1)
+
+
+def coverage_core(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """The ``coverage_count`` top-scoring neurons (ties: lower index), as sorted indices."""
+    order = _descending_order(scores.double())
+    return torch.sort(order[: coverage_count(scores, share)]).values
+
+
+def fused_scores(local: torch.Tensor, prior: torch.Tensor, prior_weight: float) -> torch.Tensor:
+    """GLASS-style (arXiv 2508.14302): the prompt's scores blended with a model-wide prior, each summing to 1."""
+    local = local.double() / local.double().sum().clamp_min(1e-30)
+    prior = prior.double().to(local.device) / prior.double().sum().clamp_min(1e-30)
+    return (1 - prior_weight) * local + prior_weight * prior
+
+
 RANDOM_SEED = 0
 
 
