@@ -491,6 +491,31 @@ def bench(
         speed_quality_plot(report, path.with_suffix(".png"))
 
 
+@app.command()
+def models(
+    model: list[str] = typer.Option([], help="A model to verify (repeatable; default: the default model). " + MODEL_HELP),
+    max_new_tokens: int = typer.Option(64, min=2, help="New tokens per prompt."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the rows here; the Markdown table goes beside it."),
+) -> None:
+    """The verified-models table: load time, dense and default speed, the default's density and quality."""
+    from pathlib import Path
+
+    from .verify import models_table, rows_to_json, verify_model
+
+    rows = []
+    for name in model or [None]:
+        try:
+            rows.append(verify_model(name, max_new_tokens, progress=lambda m: typer.secho(m, err=True, fg=typer.colors.BRIGHT_BLACK)))
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            _fail(str(err))
+    table = models_table(rows)
+    typer.echo(table)
+    if json_path:
+        path = Path(json_path)
+        path.write_text(json.dumps(rows_to_json(rows), indent=1))
+        path.with_suffix(".md").write_text(table + "\n")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
