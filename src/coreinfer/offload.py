@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .engine import Engine
-from .loading import cached_model_dir, model_identity, resolve_model_path
+from .loading import ModelArg, cached_model_dir, load_dtype, resolve_model
 from .selection import default_sparse_layers
 from .sparse_ffn import FFNWeights, SparseFFN
 
@@ -339,7 +338,7 @@ def offloaded_parameter_names(model: nn.Module, layers: Sequence[int]) -> set[st
 def build_offloaded_model(
     hf_dir: Path,
     device: torch.device,
-    dtype: torch.dtype,
+    dtype: Union[str, torch.dtype, None],
     layers: Optional[Sequence[int]] = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> nn.Module:
@@ -347,12 +346,15 @@ def build_offloaded_model(
 
     Parameters are created on the meta device (buffers such as rotary
     frequencies are computed normally), then resident ones are copied from the
-    mapped checkpoint onto ``device`` and offloaded ones are bound to slow memory.
+    mapped checkpoint onto ``device`` in ``dtype`` (see ``loading.load_dtype``)
+    and offloaded ones are bound to slow memory: on the CPU the mapped file's
+    own bytes, converted to ``dtype`` chunk by chunk as they are used.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(hf_dir)
+    dtype = load_dtype(dtype, config, device)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(config.model_type)
@@ -401,24 +403,28 @@ def _generation_config(hf_dir: Path):
 
 
 def load_memory_limited(
-    model: Union[str, os.PathLike, None] = None,
+    model: ModelArg = None,
     device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = torch.float32,
+    dtype: Union[str, torch.dtype, None] = torch.float32,
     layers: Optional[Sequence[int]] = None,
     chunk: int = DEFAULT_CHUNK,
+    revision: Optional[str] = None,
+    gguf_file: Optional[str] = None,
 ) -> Engine:
     """Like ``coreinfer.load`` but with the sparse layers' FFN weights in slow memory.
 
     ``model`` is a Hugging Face directory with safetensors weights, a GGUF file
-    (its safetensors cache is mapped), or ``None`` for the default model.
+    (its float32 safetensors cache is mapped), a Hub id (``revision``,
+    ``gguf_file`` as for ``load``) or ``None`` for the default model.
     ``layers`` names the offloaded layers (default: the default sparse layers).
     """
     from transformers import AutoTokenizer
 
     compute = resolve_device(device)
-    path = resolve_model_path(model)
+    source = resolve_model(model, revision, gguf_file)
+    path = source.path
     hf_dir = cached_model_dir(path) if path.is_file() else path
-    hf_model = build_offloaded_model(hf_dir, compute, dtype or torch.float32, layers, chunk)
+    hf_model = build_offloaded_model(hf_dir, compute, dtype, layers, chunk)
     generation_config = _generation_config(hf_dir)
     if generation_config is not None:
         hf_model.generation_config = generation_config
@@ -426,7 +432,7 @@ def load_memory_limited(
     has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir) if has_tokenizer else None
     # The lean backend would copy every weight into fast memory: the opposite of this mode.
-    return Engine(hf_model, tokenizer, name=model_identity(path), backend="reference")
+    return Engine(hf_model, tokenizer, name=source.name, backend="reference")
 
 
 __all__ = [

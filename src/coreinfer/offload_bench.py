@@ -35,6 +35,7 @@ class RunSpec:
     prompt: str = PROMPT
     max_new_tokens: int = 64
     repeats: int = 3
+    dtype: str = "float32"  # what the model is loaded in (loading.DTYPE_CHOICES)
 
 
 def peak_rss_mb() -> float:
@@ -71,17 +72,18 @@ def current_rss_mb() -> dict[str, float]:
 
 def _baseline(spec: RunSpec) -> dict:
     """Everything a run imports and builds except the weights."""
-    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import cached_model_dir, resolve_model_path
+    from .loading import cached_model_dir, load_dtype, resolve_model_path
+    from .offload import resolve_device
 
     path = resolve_model_path(spec.model)
     hf_dir = cached_model_dir(path) if path.is_file() else path
     AutoTokenizer.from_pretrained(hf_dir)
+    config = AutoConfig.from_pretrained(hf_dir)
     with init_empty_weights():
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), dtype=torch.float32)
+        AutoModelForCausalLM.from_config(config, dtype=load_dtype(spec.dtype, config, resolve_device(spec.device)))
     return {}
 
 
@@ -90,7 +92,7 @@ def _generate(spec: RunSpec) -> dict:
 
     from . import SamplingConfig, SparsityConfig, load
 
-    engine = load(spec.model, device=spec.device, memory_limit=spec.mode == "memory-limited")
+    engine = load(spec.model, device=spec.device, dtype=spec.dtype, memory_limit=spec.mode == "memory-limited")
     after_load = {"peak_rss_after_load_mb": round(peak_rss_mb(), 1)}
     sparsity = None if spec.mode == "dense" else SparsityConfig(keep=spec.keep)
     sampling = SamplingConfig(max_new_tokens=spec.max_new_tokens)
@@ -144,10 +146,15 @@ def _src_dir() -> str:
 
 
 def default_specs(
-    keeps: Sequence[float], model: Optional[str], device: Optional[str], max_new_tokens: int, repeats: int
+    keeps: Sequence[float],
+    model: Optional[str],
+    device: Optional[str],
+    max_new_tokens: int,
+    repeats: int,
+    dtype: str = "float32",
 ) -> list[RunSpec]:
-    common = dict(model=model, device=device, max_new_tokens=max_new_tokens, repeats=repeats)
-    specs = [RunSpec("baseline", model=model, device=device), RunSpec("dense", **common)]
+    common = dict(model=model, device=device, max_new_tokens=max_new_tokens, repeats=repeats, dtype=dtype)
+    specs = [RunSpec("baseline", model=model, device=device, dtype=dtype), RunSpec("dense", **common)]
     specs.append(RunSpec("sparse", keep=0.4, **common))
     specs += [RunSpec("memory-limited", keep=k, **common) for k in keeps]
     return specs
