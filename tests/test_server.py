@@ -13,6 +13,7 @@ from coreinfer.server import ServerSettings, create_app, serve_in_thread
 
 pytestmark = pytest.mark.real_model
 QUESTION = "What is the capital of France?"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 SETTINGS = ServerSettings(keep=0.4, max_tokens=6, max_tokens_limit=64, max_prompt_tokens=200)
 
 
@@ -148,18 +149,45 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat_body(keep=0), 400, "keep"),
     ("/v1/chat/completions", chat_body(alpha=-0.1), 400, "alpha"),
     ("/v1/chat/completions", chat_body(temperature=-1), 400, "temperature"),
-    ("/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
+    ("/v1/chat/completions", chat_body(top_p=1.5), 400, "top_p"),
     ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
     ("/v1/chat/completions", chat_body(max_tokens=65), 400, "at most 64"),
     ("/v1/chat/completions", chat_body(rule="bogus"), 400, "unknown selection rule"),
     ("/v1/chat/completions", chat_body(method="similarity"), 400, "not supported yet"),
     ("/v1/chat/completions", chat_body(model="gpt-4"), 404, "does not exist"),
-    ("/v1/chat/completions", chat_body(n=2), 400, "n"),
+    ("/v1/chat/completions", chat_body(n=17), 400, "at most 16"),
+    ("/v1/chat/completions", chat_body(n=129), 400, "n"),
+    ("/v1/chat/completions", chat_body([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]), 400,
+     "'image_url' are not supported"),
+    ("/v1/chat/completions", chat_body([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]), 400,
+     "'input_audio' are not supported"),
+    ("/v1/chat/completions", chat_body([{"type": "text"}]), 400, "a text part needs a string 'text'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "a user message needs content"),
+    ("/v1/chat/completions", chat_body(logprobs=True), 400, "logprobs"),
+    ("/v1/chat/completions", chat_body(top_logprobs=2), 400, "top_logprobs"),
+    ("/v1/chat/completions", chat_body(presence_penalty=0.5), 400, "presence_penalty"),
+    ("/v1/chat/completions", chat_body(frequency_penalty=-1), 400, "frequency_penalty"),
+    ("/v1/chat/completions", chat_body(logit_bias={"50256": -100}), 400, "logit_bias"),
+    ("/v1/chat/completions", chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+     "response_format"),
+    ("/v1/chat/completions", chat_body(tools=[TOOL], tool_choice="required"), 400, "tool_choice"),
+    ("/v1/chat/completions", chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}}),
+     400, "tool_choice"),
+    ("/v1/chat/completions", chat_body(modalities=["text", "audio"]), 400, "modalities"),
+    ("/v1/chat/completions", chat_body(max_completion_tokens=65), 400, "max_completion_tokens is 65"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "suffix": "end"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": []}, 400, "empty"),
+    ("/v1/completions", {"prompt": ["one", 3]}, 400, "prompt[1]"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt[1]: the prompt is empty"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": ["Hi", "word " * 300]}, 400, "prompt[1]: the prompt has"),
+    ("/v1/completions", {"prompt": ["a"] * 9, "n": 2}, 400, "at most 16"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", chat_body("word " * 300), 400, "at most"),
     ("/v1/completions", {"prompt": "   "}, 400, "empty"),
-    ("/v1/completions", {"prompt": ["one", "two"]}, 400, "exactly one prompt"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
 ]
 
@@ -235,12 +263,12 @@ def test_a_stream_left_early_stops_its_generation():
                     calls.append(step)
                     on_token(TokenEvent(0, step, "x", False))
                     time.sleep(0.001)
-                return [GenerationResult("", [], 1, 0, "length")]
+                return [GenerationResult("", [], 1, 0, "length")] * len(prompts)
             except GenerationCancelled:
                 stopped.set()
                 raise
 
-    job = _Job(True, [1], None, SamplingConfig(), "m", True, False, "chatcmpl-test", 0)
+    job = _Job(True, [[1]], None, SamplingConfig(), "m", True, False, "chatcmpl-test", 0)
 
     async def read_two_tokens():
         events = stream_events(EndlessEngine(), job)
@@ -249,3 +277,168 @@ def test_a_stream_left_early_stops_its_generation():
 
     asyncio.run(read_two_tokens())
     assert stopped.wait(10) and len(calls) < 10_000
+
+
+# What OpenAI's own client sends (openai.OpenAI against the served app).
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(oai, content=QUESTION, **extra):
+    return oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": content}],
+                                       **extra)
+
+
+def ask(oai, content=QUESTION, **extra) -> str:
+    return chat(oai, content, **extra).choices[0].message.content
+
+
+def test_text_content_parts_are_joined(oai):
+    parts = [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]
+    assert ask(oai, parts) == ask(oai, QUESTION) and ask(oai, QUESTION)
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    {"type": "file", "file": {"file_id": "file-abc"}},
+])
+def test_non_text_content_parts_get_a_400_naming_their_type(oai, part):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(oai, [{"type": "text", "text": "What is this?"}, part])
+    assert f"content parts of type {part['type']!r} are not supported" in str(err.value)
+    assert err.value.body["param"] == "messages[0].content[1]"
+
+
+def test_openai_fields_that_change_nothing_here_are_accepted(oai):
+    plain = ask(oai, max_tokens=5)
+    accepted = dict(
+        max_completion_tokens=5, seed=7, user="u-1", metadata={"k": "v"}, store=False, logprobs=False,
+        top_logprobs=0, response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0.0,
+        logit_bias={}, parallel_tool_calls=True, service_tier="auto", reasoning_effort="low",
+        modalities=["text"], prediction={"type": "content", "content": "Paris"}, stop=None, n=1,
+        tools=[TOOL], tool_choice="auto", verbosity="low", temperature=0, top_p=1,
+        stream_options={"include_usage": True},  # only read while streaming
+        extra_body={"prompt_cache_key": "abc", "safety_identifier": "s"},
+    )
+    assert ask(oai, **accepted) == plain
+    assert ask(oai, max_tokens=5, top_p=0, temperature=1.3) == plain  # top_p 0 keeps the likeliest token only
+
+
+def test_a_conversation_with_tool_calls_names_refusals_and_developer_turns_is_accepted(oai, real_engine):
+    call = {"id": "call_1", "type": "function", "function": {"name": "capital", "arguments": '{"country": "France"}'}}
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}], "name": "ops"},
+        {"role": "user", "content": "Can you hack my neighbour's wifi?", "name": "alice"},
+        {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+        {"role": "user", "content": QUESTION, "name": "alice"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Paris"}]},
+    ]
+    reply = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4,
+                                        tools=[TOOL], extra_body={"dense": True})
+    template = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Can you hack my neighbour's wifi?"},
+        {"role": "assistant", "content": "I can't help with that."},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {**call, "function": {"name": "capital", "arguments": {"country": "France"}}}]},
+        {"role": "tool", "content": "Paris"},
+    ]
+    expected = real_engine.generate_ids([real_engine.encode_chat(template)], None, SamplingConfig(max_new_tokens=4))[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_max_completion_tokens_bounds_the_answer(oai):
+    reply = chat(oai, "Tell me a long story.", max_completion_tokens=3)
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+
+
+def test_stop_as_a_string_or_a_list(oai):
+    plain = ask(oai, max_tokens=6)
+    word = plain.split()[1]
+    for stop in (word, ["\u2603", word]):
+        reply = chat(oai, max_tokens=6, stop=stop)
+        assert reply.choices[0].message.content == plain[: plain.index(word)]
+        assert reply.choices[0].finish_reason == "stop"
+
+
+def test_n_answers_as_one_batch(oai):
+    greedy, single = chat(oai, n=3, max_tokens=5), chat(oai, max_tokens=5)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.message.content for c in greedy.choices] == [single.choices[0].message.content] * 3
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+    # Seeded sampling: answer k is what n=1 gives with seed + k, so the n answers are not copies.
+    sampled = chat(oai, n=2, max_tokens=8, temperature=1.0, seed=11)
+    alone = [ask(oai, max_tokens=8, temperature=1.0, seed=seed) for seed in (11, 12)]
+    assert [c.message.content for c in sampled.choices] == alone
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
+
+
+def test_a_list_of_prompts_is_answered_as_one_batch(oai, real_engine):
+    batch = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS, max_tokens=6)
+    singles = [oai.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=6) for p in PROMPTS]
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert [c.finish_reason for c in batch.choices] == [s.choices[0].finish_reason for s in singles]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert all(c.coreinfer["ffn_density"] < 1 for c in batch.choices)
+    # Token ids: a list of id lists, and a single id list, answer as their text does.
+    ids = [real_engine.encode(p, chat=False) for p in PROMPTS]
+    by_ids = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=ids, max_tokens=6)
+    assert [c.text for c in by_ids.choices] == [c.text for c in batch.choices]
+    one = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=ids[0], max_tokens=6)
+    assert one.choices[0].text == batch.choices[0].text
+    # n answers per prompt come prompt by prompt; echo puts each prompt before its answers.
+    twice = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[:2], max_tokens=6, n=2, echo=True)
+    echoed = [p + s.choices[0].text for p, s in zip(PROMPTS[:2], singles)]
+    assert [c.text for c in twice.choices] == [echoed[0], echoed[0], echoed[1], echoed[1]]
+
+
+def test_streaming_a_batch_sends_each_choice_by_index_then_usage(oai):
+    full = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS, max_tokens=6)
+    chunks = list(oai.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS, max_tokens=6, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts, finish = ["", "", ""], [None, None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert texts == [c.text for c in full.choices] and finish == [c.finish_reason for c in full.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    # Chat with n: each choice's role first, then its text.
+    stream = chat(oai, n=2, max_tokens=5, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert [c.choices[0].delta.role for c in chunks[:2]] == ["assistant", "assistant"]
+    answers = ["", ""]
+    for chunk in chunks[:-1]:
+        answers[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    single = chat(oai, max_tokens=5)
+    assert answers == [single.choices[0].message.content] * 2
+    assert chunks[-1].usage.completion_tokens == 2 * single.usage.completion_tokens
+
+
+def test_unknown_rule_error_lists_every_rule(oai):
+    import openai
+
+    from coreinfer.config import RULE_NAMES, SELECTOR_RULES
+    from coreinfer.selection import RULES
+
+    assert set(RULE_NAMES) == {*RULES, *SELECTOR_RULES} and "adaptive" in RULE_NAMES
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(oai, extra_body={"rule": "bogus"})
+    assert err.value.body["param"] == "rule"
+    for rule in RULE_NAMES:
+        assert repr(rule) in err.value.body["message"]

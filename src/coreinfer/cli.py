@@ -157,6 +157,7 @@ def serve(
     max_tokens: int = typer.Option(256, min=1, help="Default max_tokens for requests that give none."),
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
+    max_choices: int = typer.Option(16, min=1, help="Most answers one request may ask for (its prompts times n)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
@@ -169,7 +170,9 @@ def serve(
     from .server import ServerSettings, create_app
 
     try:
-        settings = ServerSettings(_keep(keep), alpha, rule, quality, max_tokens, max_tokens_limit, max_prompt_tokens)
+        settings = ServerSettings(
+            _keep(keep), alpha, rule, quality, max_tokens, max_tokens_limit, max_prompt_tokens, max_choices
+        )
         engine = load(
             model, device=device, backend=backend, weights=weights, revision=revision, gguf_file=gguf_file, dtype=dtype
         )

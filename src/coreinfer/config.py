@@ -11,6 +11,8 @@ from .selection import RULES, check_fraction, default_sparse_layers
 # the engine builds their selector. For them ``keep`` is the FFN density to aim
 # for, averaged over all layers, and they choose which layers are sparse.
 SELECTOR_RULES = ("adaptive",)
+# Every rule a SparsityConfig takes: the one list the unknown-rule error names.
+RULE_NAMES = tuple(sorted([*RULES, *SELECTOR_RULES]))
 
 
 AUTO = "auto"
@@ -46,9 +48,8 @@ class SparsityConfig:
         check_fraction("quality", self.quality)
         if not isinstance(self.warmup, int) or self.warmup < 2:
             raise ValueError(f"warmup must be an integer of at least 2 tokens, got {self.warmup!r}")
-        if self.rule not in SELECTOR_RULES and self.rule not in RULES:
-            choices = sorted([*RULES, *SELECTOR_RULES])
-            raise ValueError(f"unknown selection rule {self.rule!r}; choose one of {choices}")
+        if self.rule not in RULE_NAMES:
+            raise ValueError(f"unknown selection rule {self.rule!r}; choose one of {list(RULE_NAMES)}")
 
     @property
     def auto(self) -> bool:

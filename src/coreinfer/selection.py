@@ -226,7 +226,8 @@ def get_rule(name: str) -> Rule:
     try:
         return RULES[name]
     except KeyError:
-        raise ValueError(f"unknown selection rule {name!r}; choose one of {sorted(RULES)}") from None
+        # Not "unknown selection rule": config.RULE_NAMES also holds rules that are not per-prompt functions.
+        raise ValueError(f"{name!r} is not a per-prompt selection rule; those are {sorted(RULES)}") from None
 
 
 def default_sparse_layers(num_layers: int, edge: float = 0.15) -> tuple[int, ...]:

@@ -8,7 +8,8 @@ CoreInfer answers side by side.
 Requests are validated and tokenised on the event loop, then generated in a worker
 thread: ``Engine.lock`` queues them one at a time while each request's sparse state
 lives in its own ``SparseSession``, so bad input is answered at once, even while
-another request is generating.
+another request is generating. A request with several answers (a list of prompts,
+``n`` > 1) runs as one batch; its choices stream interleaved, each with its index.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,6 +48,7 @@ class ServerSettings:
     max_tokens: int = 256  # default completion length
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 4096
+    max_choices: int = 16  # largest batch a request may ask for: its prompts times n
 
     def __post_init__(self) -> None:
         SparsityConfig(self.keep, self.alpha, self.rule, quality=self.quality)  # raises on bad defaults
@@ -53,6 +56,8 @@ class ServerSettings:
             raise ValueError(f"max_tokens must lie in [1, {self.max_tokens_limit}], got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_choices < 1:
+            raise ValueError(f"max_choices must be at least 1, got {self.max_choices}")
 
 
 class APIError(Exception):
@@ -72,7 +77,12 @@ class GenerationCancelled(Exception):
     """Raised from the token callback to stop a generation whose client has gone."""
 
 
-# Request bodies. Unknown OpenAI fields (presence_penalty, user, ...) are accepted and ignored.
+# Request bodies. They take every field OpenAI's Chat Completions and Completions APIs take; unknown
+# fields and those that change nothing here (user, metadata, store, service_tier, parallel_tool_calls,
+# prediction, reasoning_effort, ...) are ignored. A field asking for something this server does not do
+# (logprobs, penalties, logit_bias, tool calls, JSON output, audio ...) is refused by
+# ``check_unsupported`` with a 400 naming it, rather than answered as if it had been honoured.
+# ``null`` means "left out" for every field, as in OpenAI's API.
 
 
 class _Request(BaseModel):
@@ -81,13 +91,16 @@ class _Request(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0 is greedy (OpenAI's default is 1)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)  # 0 (the default here) is greedy
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)  # 0 keeps only the likeliest token: greedy
+    n: Optional[int] = Field(None, ge=1, le=128)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
-    stream: bool = False
+    stream: Optional[bool] = None
     stream_options: Optional[dict[str, Any]] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
     # CoreInfer extensions; None takes the server's default.
     keep: Union[float, Literal["auto"], None] = None
     quality: Optional[float] = Field(None, gt=0.0, le=1.0)
@@ -98,26 +111,116 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    # A string, a list of strings, a list of token ids or a list of token-id lists (see ``completion_prompts``).
+    prompt: Union[str, list[Any]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # name, tool_call_id, audio, ...
 
-    role: str = Field(pattern="^(system|developer|user|assistant)$")
-    content: Union[str, list[dict[str, Any]]]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
-    def text(self) -> str:
-        """The message's text; content parts other than text are refused."""
+    def text(self, where: str = "messages") -> str:
+        """The message's text: a string, or its text (and refusal) parts joined; other parts are refused."""
+        if self.content is None:
+            if self.role in ("assistant", "function"):  # an assistant turn that only called a tool or refused
+                return self.refusal or ""
+            raise APIError(400, f"{where}.content: a {self.role} message needs content", f"{where}.content")
         if isinstance(self.content, str):
             return self.content
-        if any(part.get("type") != "text" for part in self.content):
-            raise APIError(400, "only text content parts are supported", "messages")
-        return "".join(str(part.get("text", "")) for part in self.content)
+        pieces = []
+        for j, part in enumerate(self.content):
+            kind, param = part.get("type"), f"{where}.content[{j}]"
+            field = {"text": "text", "refusal": "refusal"}.get(kind)
+            if field is None:
+                message = f"{param}: content parts of type {kind!r} are not supported; this server takes text only"
+                raise APIError(400, message, param, "unsupported_content_type")
+            if not isinstance(part.get(field), str):
+                raise APIError(400, f"{param}: a {kind} part needs a string {field!r}", param)
+            pieces.append(part[field])
+        return "".join(pieces)
+
+    def for_template(self, where: str) -> dict:
+        """The message as a chat template takes it (roles ``developer`` -> system, ``function`` -> tool)."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.text(where)}
+        if self.tool_calls:  # HF templates that render tool calls expect parsed arguments
+            message["tool_calls"] = [_parsed_arguments(call) for call in self.tool_calls]
+        return message
+
+
+def _parsed_arguments(call: dict) -> dict:
+    if not isinstance(call.get("function"), dict):  # a custom tool's call
+        return call
+    function = dict(call["function"])
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": function}
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[dict[str, Any]]] = None  # deprecated form of tools
+    function_call: Union[str, dict[str, Any], None] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[dict[str, Any]] = None
+    web_search_options: Optional[dict[str, Any]] = None
+
+
+def check_unsupported(request: _Request) -> None:
+    """Refuse, naming the field, what this server cannot honour; accept the same field's no-op values."""
+    def refuse(param: str, why: str) -> None:
+        raise APIError(400, f"{param}: {why}", param, "unsupported_parameter")
+
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, penalty):
+            refuse(penalty, "only 0 is supported (no repetition penalties here)")
+    if request.logit_bias:
+        refuse("logit_bias", "is not supported; send {} or leave it out")
+    if isinstance(request, CompletionRequest):
+        if request.logprobs is not None:
+            refuse("logprobs", "log probabilities are not returned by this server")
+        if request.suffix:
+            refuse("suffix", "insertion (text after the completion) is not supported")
+        if request.best_of is not None and request.best_of != (request.n or 1):
+            refuse("best_of", "ranking several candidates is not supported; best_of may only equal n")
+        return
+    assert isinstance(request, ChatRequest)
+    if request.logprobs:
+        refuse("logprobs", "log probabilities are not returned by this server")
+    if request.top_logprobs:
+        refuse("top_logprobs", "log probabilities are not returned by this server")
+    kind = (request.response_format or {}).get("type", "text")
+    if kind != "text":
+        refuse("response_format", f"only type 'text' is supported, not {kind!r}")
+    # Tools may be offered (the model answers in text: "auto" lets it); forcing a call cannot be honoured.
+    for param in ("tool_choice", "function_call"):
+        choice = getattr(request, param)
+        if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+            choice = (choice.get("allowed_tools") or {}).get("mode")
+        if choice is not None and choice not in ("auto", "none"):
+            refuse(param, "this server does not call tools; only 'auto' or 'none' (the model answers in text)")
+    if request.modalities and set(request.modalities) != {"text"}:
+        refuse("modalities", 'only ["text"] is supported')
+    if request.audio is not None:
+        refuse("audio", "audio output is not supported")
+    if request.web_search_options is not None:
+        refuse("web_search_options", "web search is not supported")
 
 
 # Settings of one request, checked against the server's defaults and limits.
@@ -137,19 +240,25 @@ def sparsity_for(request: _Request, settings: ServerSettings) -> Optional[Sparsi
             rule=request.rule if request.rule is not None else settings.rule,
             quality=request.quality if request.quality is not None else settings.quality,
         )
-    except (ValueError, TypeError) as err:
-        raise APIError(400, str(err), "keep" if "keep" in str(err) else "rule") from None
+    except (ValueError, TypeError) as err:  # SparsityConfig's messages start with the field's name
+        message = str(err)
+        param = next((name for name in ("keep", "alpha", "quality") if message.startswith(name)), "rule")
+        raise APIError(400, message, param) from None
 
 
 def sampling_for(request: _Request, settings: ServerSettings) -> SamplingConfig:
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     max_tokens = request.max_completion_tokens or request.max_tokens or settings.max_tokens
     if max_tokens > settings.max_tokens_limit:
-        message = f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}"
-        raise APIError(400, message, "max_tokens")
+        message = f"{param} is {max_tokens}; this server allows at most {settings.max_tokens_limit}"
+        raise APIError(400, message, param)
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > 4:
         raise APIError(400, "at most 4 stop sequences are allowed", "stop")
-    return SamplingConfig(max_tokens, request.temperature, request.top_p, request.seed, stop)
+    temperature, top_p = request.temperature or 0.0, 1.0 if request.top_p is None else request.top_p
+    if top_p == 0:  # only the likeliest token survives: greedy
+        temperature, top_p = 0.0, 1.0
+    return SamplingConfig(max_tokens, temperature, top_p, request.seed, stop)
 
 
 def check_model(engine: Engine, name: Optional[str]) -> None:
@@ -159,37 +268,68 @@ def check_model(engine: Engine, name: Optional[str]) -> None:
 
 
 def check_prompt_length(
-    ids: list[int], sampling: SamplingConfig, settings: ServerSettings, engine: Engine, param: str
+    ids: list[int], sampling: SamplingConfig, settings: ServerSettings, engine: Engine, param: str,
+    where: Optional[str] = None,
 ) -> None:
     limit = settings.max_prompt_tokens
     context = getattr(engine.model.config, "max_position_embeddings", None)
     if context:
         limit = min(limit, context - sampling.max_new_tokens)
     if len(ids) > limit:
-        raise APIError(
-            400,
-            f"the prompt has {len(ids)} tokens; with max_tokens={sampling.max_new_tokens} at most {limit} are allowed",
-            param,
-            "context_length_exceeded",
-        )
+        tokens = sampling.max_new_tokens
+        message = f"the prompt has {len(ids)} tokens; with max_tokens={tokens} at most {limit} are allowed"
+        raise APIError(400, f"{where}: {message}" if where else message, param, "context_length_exceeded")
 
 
-def encode_completion(engine: Engine, request: CompletionRequest) -> list[int]:
-    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-    if len(prompts) != 1:
-        raise APIError(400, "give exactly one prompt per request", "prompt")
-    try:
-        return engine.encode(prompts[0], chat=False)
-    except ValueError as err:
-        raise APIError(400, str(err), "prompt") from None
+def completion_prompts(prompt: Union[str, list[Any]]) -> list[Union[str, list[int]]]:
+    """The prompts of a completion request: OpenAI's four shapes (a string, a list of strings,
+    a list of token ids, a list of token-id lists) as a list of strings and token-id lists."""
+    def is_id(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(is_id(x) for x in prompt):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: the list of prompts is empty", "prompt")
+    for i, item in enumerate(prompt):
+        if not (isinstance(item, str) or isinstance(item, list) and all(is_id(x) for x in item)):
+            message = (f"prompt[{i}]: a prompt is a string or a list of token ids (prompt is a string, a list of "
+                       "strings, a list of token ids or a list of token-id lists)")
+            raise APIError(400, message, "prompt")
+    return list(prompt)
+
+
+def encode_completion(engine: Engine, request: CompletionRequest) -> list[list[int]]:
+    prompts = completion_prompts(request.prompt)
+    vocab = engine.model.get_input_embeddings().weight.shape[0]
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            try:
+                encoded.append(engine.encode(prompt, chat=False))
+            except ValueError as err:
+                raise APIError(400, f"{where}: {err}", "prompt") from None
+            continue
+        if not prompt:
+            raise APIError(400, f"{where}: the prompt is empty (no tokens)", "prompt")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"{where}: token ids {bad[:5]} lie outside the vocabulary [0, {vocab})", "prompt")
+        encoded.append(list(prompt))
+    return encoded
 
 
 def encode_messages(engine: Engine, request: ChatRequest) -> list[int]:
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in request.messages]
+    messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(request.messages)]
     try:
         return engine.encode_chat(messages)
     except ValueError as err:
         raise APIError(400, str(err), "messages") from None
+    except TemplateError as err:  # e.g. a template that takes no system or tool turns, or insists on alternation
+        raise APIError(400, f"the model's chat template cannot take these messages: {err}", "messages") from None
 
 
 # Responses
@@ -197,14 +337,6 @@ def encode_messages(engine: Engine, request: ChatRequest) -> list[int]:
 
 def _finish_reason(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
-
-
-def usage(result: GenerationResult) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.new_tokens,
-        "total_tokens": result.prompt_tokens + result.new_tokens,
-    }
 
 
 def measurements(result: GenerationResult, sparsity: Optional[SparsityConfig]) -> dict:
@@ -228,10 +360,14 @@ def measurements(result: GenerationResult, sparsity: Optional[SparsityConfig]) -
 
 @dataclass(frozen=True)
 class _Job:
-    """One validated request, ready to run: everything the response needs to name."""
+    """One validated request, ready to run: everything the response needs to name.
+
+    It has ``len(prompts) * n`` choices, choice ``p * n + k`` being prompt ``p``'s ``k``-th answer
+    (OpenAI's order), and runs as one batch through the engine.
+    """
 
     chat: bool
-    ids: list[int]
+    prompts: list[list[int]]
     sparsity: Optional[SparsityConfig]
     sampling: SamplingConfig
     model: str
@@ -239,44 +375,95 @@ class _Job:
     include_usage: bool
     id: str
     created: int
+    n: int = 1
+    echo: Optional[list[str]] = None  # completions with echo: each prompt's text, put before its answers
 
-    def run(self, engine: Engine, on_token: Optional[Callable[[TokenEvent], None]] = None) -> GenerationResult:
-        return engine.generate_ids([self.ids], self.sparsity, self.sampling, on_token)[0]
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def batches(self) -> list[tuple[list[list[int]], SamplingConfig, list[int]]]:
+        """The engine calls this job makes: (prompts, sampling, choice index of each sequence)."""
+        s = self.sampling
+        if self.n > 1 and s.temperature > 0 and s.seed is not None:
+            # A batch seeds every sequence alike, so its n copies of a prompt would draw the same
+            # sample: one batch per copy instead, seeded seed, seed + 1, ...
+            return [(self.prompts, replace(s, seed=s.seed + k), [p * self.n + k for p in range(len(self.prompts))])
+                    for k in range(self.n)]
+        return [([ids for ids in self.prompts for _ in range(self.n)], s, list(range(self.choices)))]
+
+    def run(self, engine: Engine, on_token: Optional[Callable[[TokenEvent], None]] = None) -> list[GenerationResult]:
+        """The results, one per choice; ``on_token`` sees each event with its choice index."""
+        results: list[Optional[GenerationResult]] = [None] * self.choices
+        for prompts, sampling, indices in self.batches():
+            def relay(event: TokenEvent, indices=indices) -> None:
+                on_token(replace(event, index=indices[event.index]))
+
+            batch = engine.generate_ids(prompts, self.sparsity, sampling, relay if on_token else None)
+            for index, result in zip(indices, batch):
+                results[index] = result
+        return results
 
     def _envelope(self, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def response(self, result: GenerationResult) -> dict:
-        if self.chat:
-            message = {"role": "assistant", "content": result.text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(result)}
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": _finish_reason(result)}
-        return {**self._envelope(False), "choices": [choice], "usage": usage(result),
-                "coreinfer": measurements(result, self.sparsity)}
+    def _echoed(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo else ""
 
-    def chunk(self, text: Optional[str], finish_reason: Optional[str] = None, role: bool = False) -> dict:
+    def usage(self, results: list[GenerationResult]) -> dict:
+        prompt = sum(len(ids) for ids in self.prompts)  # each prompt counts once, however many answers it has
+        completion = sum(r.new_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def response(self, results: list[GenerationResult]) -> dict:
+        choices = []
+        for index, result in enumerate(results):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice["text"] = self._echoed(index) + result.text
+            choice |= {"logprobs": None, "finish_reason": _finish_reason(result)}
+            if len(results) > 1:
+                choice["coreinfer"] = measurements(result, self.sparsity)
+            choices.append(choice)
+        return {**self._envelope(False), "choices": choices, "usage": self.usage(results),
+                "coreinfer": measurements(results[0], self.sparsity)}
+
+    def chunk(
+        self, text: Optional[str], finish_reason: Optional[str] = None, role: bool = False, index: int = 0
+    ) -> dict:
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return {**self._envelope(True), "choices": [choice]}
 
-    def final_chunks(self, result: GenerationResult) -> Iterator[dict]:
-        last = self.chunk(None if self.chat else "", _finish_reason(result))
-        yield {**last, "coreinfer": measurements(result, self.sparsity)}
+    def first_chunks(self) -> Iterator[dict]:
+        """Before any token: each chat choice's role, or each echoed prompt."""
+        for index in range(self.choices):
+            if self.chat:
+                yield self.chunk("", role=True, index=index)
+            elif self._echoed(index):
+                yield self.chunk(self._echoed(index), index=index)
+
+    def final_chunks(self, results: list[GenerationResult]) -> Iterator[dict]:
+        """Each choice's finish reason with its ``coreinfer`` measurements, then the usage if asked for."""
+        for index, result in enumerate(results):
+            last = self.chunk(None if self.chat else "", _finish_reason(result), index=index)
+            yield {**last, "coreinfer": measurements(result, self.sparsity)}
         if self.include_usage:
-            yield {**self._envelope(True), "choices": [], "usage": usage(result)}
+            yield {**self._envelope(True), "choices": [], "usage": self.usage(results)}
 
 
 def _sse(payload: Union[dict, str]) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def stream_events(engine: Engine, job: _Job) -> AsyncIterator[Union[TokenEvent, GenerationResult]]:
-    """Run ``job`` in a worker thread, yielding its token events and then its result.
+async def stream_events(engine: Engine, job: _Job) -> AsyncIterator[Union[TokenEvent, list[GenerationResult]]]:
+    """Run ``job`` in a worker thread, yielding its token events and then its results (a list).
 
     Leaving the iterator early (the client went away) stops the generation at its
     next token, which frees the engine for the requests queued behind it.
@@ -309,22 +496,22 @@ async def stream_events(engine: Engine, job: _Job) -> AsyncIterator[Union[TokenE
             if isinstance(item, BaseException):
                 raise item
             yield item
-            if isinstance(item, GenerationResult):
+            if isinstance(item, list):
                 return
     finally:
         cancelled.set()
 
 
 async def sse_body(engine: Engine, job: _Job) -> AsyncIterator[str]:
-    if job.chat:
-        yield _sse(job.chunk("", role=True))
+    for chunk in job.first_chunks():
+        yield _sse(chunk)
     try:
         async for item in stream_events(engine, job):
-            if isinstance(item, GenerationResult):
+            if isinstance(item, list):
                 for chunk in job.final_chunks(item):
                     yield _sse(chunk)
             elif item.text:
-                yield _sse(job.chunk(item.text))
+                yield _sse(job.chunk(item.text, index=item.index))
     except Exception as err:  # the status line is sent already: report in-band, as OpenAI does
         yield _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
     yield _sse("[DONE]")
@@ -359,23 +546,34 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
 
     def prepare(request: _Request, chat: bool) -> _Job:
         check_model(engine, request.model)
+        check_unsupported(request)
         sparsity = sparsity_for(request, settings)
         sampling = sampling_for(request, settings)
-        ids = encode_messages(engine, request) if chat else encode_completion(engine, request)
-        check_prompt_length(ids, sampling, settings, engine, "messages" if chat else "prompt")
+        prompts = [encode_messages(engine, request)] if chat else encode_completion(engine, request)
+        n = request.n or 1
+        if len(prompts) * n > settings.max_choices:
+            message = (f"{len(prompts)} prompt(s) times n={n} asks for {len(prompts) * n} answers; "
+                       f"this server gives at most {settings.max_choices} per request")
+            raise APIError(400, message, "n" if len(prompts) == 1 else "prompt")
+        for i, ids in enumerate(prompts):
+            where = f"prompt[{i}]" if len(prompts) > 1 else None
+            check_prompt_length(ids, sampling, settings, engine, "messages" if chat else "prompt", where)
+        echo = None
+        if not chat and request.echo:
+            echo = [p if isinstance(p, str) else engine.decode_text(p) for p in completion_prompts(request.prompt)]
         include_usage = bool((request.stream_options or {}).get("include_usage"))
         prefix = "chatcmpl" if chat else "cmpl"
-        return _Job(chat, ids, sparsity, sampling, engine.name, request.stream, include_usage,
-                    f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()))
+        return _Job(chat, prompts, sparsity, sampling, engine.name, bool(request.stream), include_usage,
+                    f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), n, echo)
 
     async def answer(job: _Job):
         if job.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(sse_body(engine, job), media_type="text/event-stream", headers=headers)
-        result = None
+        results = None
         async for item in stream_events(engine, job):
-            result = item
-        return job.response(result)
+            results = item
+        return job.response(results)
 
     @app.get("/v1/models")
     async def models() -> dict:
