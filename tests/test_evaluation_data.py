@@ -197,3 +197,11 @@ def test_piqa_task_loads_the_built_in_set(local, monkeypatch):
 
     rows = list(load()["validation"])
     assert rows == [{"goal": "g1", "sol1": "a", "sol2": "b", "label": 1}, {"goal": "g2", "sol1": "c", "sol2": "d", "label": 0}]
+
+
+def test_without_the_datasets_package_the_error_says_what_to_install(no_local_copy, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(data.DataNotFound, match="pip install datasets.*--data-dir"):
+        data.truthfulqa()

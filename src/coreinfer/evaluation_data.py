@@ -151,7 +151,10 @@ def hub_rows(name: str) -> list[dict]:
         import datasets
         from datasets.exceptions import DatasetsError
     except ImportError:
-        raise DataNotFound(f"{name}: no local copy, and the Hub needs the `datasets` package; {HOW_TO_FIX}") from None
+        raise DataNotFound(
+            f"{name}: no local copy, and reading the Hub needs the `datasets` package (pip install datasets); "
+            "or set COREINFER_DATA or pass --data-dir to a local copy"
+        ) from None
     try:
         return list(datasets.load_dataset(source.hub, source.config, split=source.split))
     # Offline (HF_HUB_OFFLINE, or no network once huggingface_hub's retries give up) raises a
