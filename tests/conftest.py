@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# Tests never touch the network: the Hub fails at once instead of retrying (read when
+# huggingface_hub is imported, so before transformers), and the built-in evaluation sets
+# come from the checkout's shared data where there is one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("COREINFER_DATA", str(SHARED_DATA))
 
 import pytest
 import torch

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_model
 
 from coreinfer import Engine, SparsityConfig
-from coreinfer.analysis import overlap, read_ag_news, read_sick, read_sts, similarity_correlation, stability_overlaps
+from coreinfer import evaluation_data
+from coreinfer.analysis import first_per_class, overlap, similarity_correlation, split_pairs, stability_overlaps
 from coreinfer.selection import select_coreinfer
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -45,9 +46,21 @@ def test_similarity_correlation_is_spearman_of_the_layer_mean():
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared evaluation data not present")
 def test_data_readers():
-    pairs, gold = read_sick(DATA / "sick" / "SICK_test_annotated.txt", 5)
+    pairs, gold = split_pairs(evaluation_data.sick(DATA), 5)
     assert len(pairs) == 5 and all(1.0 <= g <= 5.0 for g in gold)
-    pairs, gold = read_sts(DATA / "sts2015" / "headlines.test.tsv", 5)
+    pairs, gold = split_pairs(evaluation_data.sts2015(DATA), 5)
     assert len(pairs) == 5 and all(0.0 <= g <= 5.0 for g in gold)
-    texts, labels = read_ag_news(DATA / "ag_news" / "test.csv", 3)
+    texts, labels = first_per_class(evaluation_data.ag_news(DATA), 3)
     assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and all(texts)
+
+
+def test_wikitext_windows_skip_headings_and_blank_lines():
+    from coreinfer.analysis import wikitext_windows
+
+    def tokenizer(text, add_special_tokens):  # one id per word
+        return {"input_ids": [len(w) for w in text.split()]}
+
+    text = " \n = Title = \n \n a bb ccc \n = = Sub = = \n dddd eeeee ffffff \n"
+    assert wikitext_windows(text, tokenizer, 2, 3) == [[1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="only 1 windows"):
+        wikitext_windows(text, tokenizer, 4, 2)

@@ -129,11 +129,11 @@ def test_ranked_selector_equals_rule(rule):
 
 
 def test_data_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
-    from coreinfer.quality import data_dir
+    from coreinfer.quality import gsm8k_set
 
     monkeypatch.setenv("COREINFER_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="COREINFER_DATA"):
-        data_dir()
+        gsm8k_set(None, 2)
 
 
 def test_sweep_rejects_unknown_rule():

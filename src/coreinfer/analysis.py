@@ -3,7 +3,7 @@
 (a) **Stability**: the core set of a prefix against the core set of the same
     prefix extended by a few tokens, as the prefix grows (WikiText-2 text).
 (b) **Similarity**: the overlap of two sentences' core sets against their gold
-    semantic similarity (Spearman on SICK and STS 2015 headlines), and a 2-D PCA
+    semantic similarity (Spearman on SICK and STS 2015), and a 2-D PCA
     of core-set features coloured by AG News topic.
 
 Overlap of two core sets of equal size K is ``|A ∩ B| / K``, averaged over the
@@ -13,14 +13,15 @@ as JSON beside one PNG per analysis.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from . import evaluation_data
+from .evaluation_data import Pair, PathLike, Topic
 from .predictors.similarity import binary_features, record_core_sets
 from .selection import get_rule, sentence_core, token_core_mask, token_core_mask_magnitude
 
@@ -51,20 +52,19 @@ class ActivationRecorder:
         return get_rule(self.rule)(acts, self.keep, self.alpha)
 
 
-def wikitext_windows(path: Path, tokenizer, window: int, count: int) -> list[list[int]]:
+def wikitext_windows(text: str, tokenizer, window: int, count: int) -> list[list[int]]:
     """``count`` consecutive non-overlapping windows of ``window`` tokens from WikiText-2 articles' text."""
     ids: list[int] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("="):  # headings
-                continue
-            ids.extend(tokenizer(" " + line, add_special_tokens=False)["input_ids"])
-            if len(ids) >= window * count:
-                break
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):  # headings
+            continue
+        ids.extend(tokenizer(" " + line, add_special_tokens=False)["input_ids"])
+        if len(ids) >= window * count:
+            break
     windows = [ids[i * window : (i + 1) * window] for i in range(len(ids) // window)][:count]
     if len(windows) < count:
-        raise ValueError(f"{path} gives only {len(windows)} windows of {window} tokens")
+        raise ValueError(f"WikiText-2 gives only {len(windows)} windows of {window} tokens")
     return windows
 
 
@@ -112,20 +112,10 @@ def _needed(prefix_lengths: Sequence[int], extensions: Sequence[int]) -> set[int
 # (b) similarity
 
 
-def read_sick(path: Path, limit: int) -> tuple[list[tuple[str, str]], list[float]]:
-    with open(path, encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[:limit]
-    return [(r["sentence_A"], r["sentence_B"]) for r in rows], [float(r["relatedness_score"]) for r in rows]
-
-
-def read_sts(path: Path, limit: int) -> tuple[list[tuple[str, str]], list[float]]:
-    pairs, gold = [], []
-    with open(path, encoding="utf-8") as fh:
-        for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) >= 3 and row[0].strip():  # unscored pairs have an empty gold field
-                pairs.append((row[1], row[2]))
-                gold.append(float(row[0]))
-    return pairs[:limit], gold[:limit]
+def split_pairs(pairs: Sequence[Pair], limit: int) -> tuple[list[tuple[str, str]], list[float]]:
+    """The first ``limit`` pairs as (sentence pairs, gold scores)."""
+    chosen = pairs[:limit]
+    return [(p.first, p.second) for p in chosen], [p.score for p in chosen]
 
 
 def pair_overlaps(
@@ -152,16 +142,14 @@ def similarity_correlation(per_layer: dict[int, list[float]], gold: Sequence[flo
     }
 
 
-def read_ag_news(path: Path, per_class: int) -> tuple[list[str], list[int]]:
-    """The first ``per_class`` items of each of the four topics (title and description)."""
+def first_per_class(items: Sequence[Topic], per_class: int) -> tuple[list[str], list[int]]:
+    """The first ``per_class`` items of each topic, as (texts, labels)."""
     texts, labels, seen = [], [], {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        for label, title, body in csv.reader(fh):
-            label = int(label) - 1
-            if seen.get(label, 0) < per_class:
-                seen[label] = seen.get(label, 0) + 1
-                texts.append(f"{title}. {body}".replace("\\", " "))
-                labels.append(label)
+    for item in items:
+        if seen.get(item.label, 0) < per_class:
+            seen[item.label] = seen.get(item.label, 0) + 1
+            texts.append(item.text)
+            labels.append(item.label)
     return texts, labels
 
 
@@ -242,7 +230,7 @@ def _plot_topics(result: dict, labels: Sequence[int], path: Path) -> None:
 
 def run_analyses(
     engine: "Engine",
-    data_dir: Path,
+    data_dir: Optional[PathLike],
     out: Path,
     sparsity: "SparsityConfig",
     windows: int = 8,
@@ -253,24 +241,29 @@ def run_analyses(
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict:
-    """All analyses; writes analysis.json, stability.png, similarity.png, topics.png under ``out``."""
-    data_dir, out = Path(data_dir), Path(out)
+    """All analyses; writes analysis.json, stability.png, similarity.png, topics.png under ``out``.
+
+    ``data_dir``: a local copy of the sets (see ``evaluation_data``); None: ``$COREINFER_DATA`` or the Hub.
+    """
+    out = Path(out)
+    # Every set is read before any model work, so missing data fails at once.
+    text = evaluation_data.wikitext2(data_dir)
+    pair_sets = {"SICK": evaluation_data.sick(data_dir), "STS2015": evaluation_data.sts2015(data_dir)}
+    news, labels = first_per_class(evaluation_data.ag_news(data_dir), per_class)
+    sources = {name: evaluation_data.describe(name, data_dir) for name in ("wikitext2", "sick", "sts2015", "ag_news")}
+
     out.mkdir(parents=True, exist_ok=True)
     layers = sparsity.sparse_layers(engine.num_layers)
     window = max(prefix_lengths) + max(extensions)
-    texts = wikitext_windows(data_dir / "wikitext-2" / "test.txt", engine.tokenizer, window, windows)
+    texts = wikitext_windows(text, engine.tokenizer, window, windows)
     stability = stability_overlaps(engine, texts, sparsity, prefix_lengths, extensions, progress)
 
     similarity, gold = {}, {}
-    for name, reader, path in (
-        ("SICK", read_sick, data_dir / "sick" / "SICK_test_annotated.txt"),
-        ("STS2015-headlines", read_sts, data_dir / "sts2015" / "headlines.test.tsv"),
-    ):
-        sentence_pairs, gold[name] = reader(path, pairs)
+    for name, items in pair_sets.items():
+        sentence_pairs, gold[name] = split_pairs(items, pairs)
         similarity[name] = similarity_correlation(
             pair_overlaps(engine, sentence_pairs, sparsity, batch_size, progress), gold[name]
         )
-    news, labels = read_ag_news(data_dir / "ag_news" / "test.csv", per_class)
     topics = topic_projection(engine, news, labels, sparsity, layers[-1], batch_size, progress)
 
     _plot_stability(stability, out / "stability.png")
@@ -281,6 +274,7 @@ def run_analyses(
         "keep": sparsity.keep,
         "alpha": sparsity.alpha,
         "rule": sparsity.rule,
+        "data": sources,
         "sparse_layers": list(layers),
         "overlap": "|A ∩ B| / K, mean over sparse layers",
         "stability": {"windows": windows, "window_tokens": window, "overlap_by_extension_and_prefix": stability},

@@ -74,6 +74,7 @@ class BenchSettings:
     llamacpp: bool = True
     memory: bool = True
     quality_items: int = 6  # GSM8K items scored teacher-forced per row (0 skips)
+    data_dir: Optional[str] = None  # a local copy of the built-in sets; None: $COREINFER_DATA or the Hub
     quality_tokens: int = 64
     scaling_tokens: tuple[int, ...] = (8, 128, 512)
     scaling_batches: tuple[int, ...] = (1, 4, 8)
@@ -355,14 +356,14 @@ def forced_agreement(predictions: Sequence[torch.Tensor], reference: Sequence[to
 
 
 def quality_items(engine: Engine, settings: BenchSettings) -> list:
-    """A few shared GSM8K items (question -> reference answer), or none where the data is missing."""
+    """A few GSM8K items (question -> reference answer), or none where no data is to be had."""
     if settings.quality_items <= 0 or engine.tokenizer is None:
         return []
     from .quality import gsm8k_set
 
     try:
-        return gsm8k_set(engine, settings.quality_items, settings.quality_tokens, calibration=0).items
-    except FileNotFoundError:
+        return gsm8k_set(engine, settings.quality_items, settings.quality_tokens, 0, settings.data_dir).items
+    except FileNotFoundError:  # evaluation_data.DataNotFound: no local copy and no Hub; the column is optional
         return []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -25,6 +26,8 @@ RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense laye
              "coreinfer (the paper's Eq. 1-2), official, magnitude or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
 WEIGHTS_HELP = "Lean weight format: auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8."
+DATA_DIR_HELP = ("A local copy of the built-in evaluation sets (gsm8k/test.jsonl, wikitext-2/test.txt ...); "
+                 "default: $COREINFER_DATA, else the Hugging Face Hub through `datasets` and its cache.")
 
 
 # Options of every command that loads a model.
@@ -197,6 +200,7 @@ def quality(
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),
     sets: list[str] = typer.Option(["gsm8k", "wikitext2"], "--set", help="Built-in set (repeatable): gsm8k, wikitext2."),
     data: Optional[str] = typer.Option(None, help="JSONL with 'prompt' and 'continuation' fields, instead of the built-in sets."),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     gsm8k_items: int = typer.Option(40, min=1, help="GSM8K questions evaluated."),
     answer_tokens: int = typer.Option(96, min=1, help="GSM8K answer tokens scored."),
     wikitext_items: int = typer.Option(24, min=1, help="WikiText-2 windows evaluated (256 tokens -> next 128)."),
@@ -234,13 +238,14 @@ def quality(
             evalsets = [q.jsonl_set(engine, data, data_items, chat, calibration)]
         else:
             builders = {
-                "gsm8k": lambda: q.gsm8k_set(engine, gsm8k_items, answer_tokens, calibration),
-                "wikitext2": lambda: q.wikitext_set(engine, wikitext_items, window, calibration=calibration),
+                "gsm8k": lambda: q.gsm8k_set(engine, gsm8k_items, answer_tokens, calibration, data_dir),
+                "wikitext2": lambda: q.wikitext_set(engine, wikitext_items, window, calibration=calibration, data_dir=data_dir),
             }
             unknown = [s for s in sets if s not in builders]
             if unknown:
                 _fail(f"unknown set(s) {unknown}; choose from {sorted(builders)} or give --data")
             evalsets = [builders[s]() for s in sets]
+        gen_set = q.gsm8k_set(engine, generation, 1, calibration, data_dir) if generation else None
     except (ValueError, TypeError, FileNotFoundError, ModelNotFound) as err:
         _fail(str(err))
     rows = []
@@ -248,8 +253,7 @@ def quality(
         rows += q.evaluate(engine, evalset, configs, backend=backend, weights=weights)
     report = {"model": engine.name, "rows": rows}
     text = q.headline_table(rows) + "\n\nEvery row:\n\n" + q.markdown_table(rows)
-    if generation:
-        gen_set = q.gsm8k_set(engine, generation, 1, calibration)
+    if gen_set is not None:
         gen_rows = q.generation_quality(
             engine, [i.prompt for i in gen_set.items], configs, gen_tokens, gen_set.calibration,
             backend=backend, weights=weights,
@@ -281,21 +285,40 @@ def quality(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def eval(ctx: typer.Context) -> None:
-    """Run lm-eval with the `coreinfer` model registered and the offline tasks (piqa_local) included.
+    """Run lm-eval with the `coreinfer` model registered and coreinfer's tasks (piqa_local) included.
 
     Every argument goes to lm-eval's CLI, e.g.
-    `coreinfer eval --model coreinfer --model_args keep=0.4 --tasks piqa_local --limit 50`.
+    `coreinfer eval --model coreinfer --model_args keep=0.4 --tasks piqa_local --limit 50`,
+    except `--data-dir DIR`: a local copy of the built-in sets for piqa_local (else the Hub).
     """
+    import os
     from importlib.resources import files
 
     from . import lm_eval_model  # noqa: F401  (registers the `coreinfer` model)
     from lm_eval.__main__ import cli_evaluate
 
-    args = list(ctx.args)
+    data_dir, args = _take_option(list(ctx.args), "--data-dir")
+    if data_dir is not None:
+        os.environ["COREINFER_DATA"] = data_dir  # the task's loader runs inside lm-eval, which has no such option
     if "--include_path" not in args:
         args += ["--include_path", str(files("coreinfer") / "tasks")]
     sys.argv = ["lm_eval", *args]
     cli_evaluate()
+
+
+def _take_option(args: list[str], name: str) -> tuple[Optional[str], list[str]]:
+    """``name``'s value (``name VALUE`` or ``name=VALUE``) and the other arguments."""
+    value, rest, items = None, [], iter(args)
+    for arg in items:
+        if arg == name:
+            value = next(items, None)
+            if value is None:
+                _fail(f"{name} needs a value")
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
 
 
 # Memory-limited mode: peak memory and decode speed (coreinfer.offload_bench)
@@ -314,8 +337,6 @@ def bench_memory(
     repeats: int = typer.Option(3, min=1, help="Generations per run; decode speed is their median."),
 ) -> None:
     """Peak RSS (and GPU memory) and decode speed: dense vs memory-limited, each in a fresh process."""
-    from pathlib import Path
-
     from .loading import ModelNotFound, parse_dtype, resolve_model
     from .offload_bench import default_specs, run_bench
 
@@ -360,8 +381,9 @@ def _similarity_selector(method, clusters, engine, sparsity, own_share):
 
 @app.command()
 def cluster(
-    data: str = typer.Option(..., help="Prompts: a text file (one a line), JSONL with 'prompt', or TruthfulQA CSV."),
     out: str = typer.Option(..., help="Directory to write clusters.safetensors and clusters.json to."),
+    data: Optional[str] = typer.Option(None, help="Prompts: a text file (one a line), JSONL with 'prompt', or a TruthfulQA CSV (default: the built-in TruthfulQA)."),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     model: ModelOption = None,
     revision: RevisionOption = None,
     gguf_file: GgufFileOption = None,
@@ -381,18 +403,20 @@ def cluster(
     """Cluster prompts by their core neurons; store each cluster's core-set statistics."""
     from .api import load
     from .config import SparsityConfig
+    from .evaluation_data import describe
     from .loading import ModelNotFound
     from .predictors import build_clusters
-    from .predictors.similarity import load_prompts
+    from .predictors.similarity import builtin_truthfulqa, load_prompts
 
     try:
-        texts = load_prompts(data)[:limit]
+        texts = (load_prompts(data) if data else [prompt for prompt, _ in builtin_truthfulqa(data_dir)])[:limit]
+        source = str(data) if data else describe("truthfulqa", data_dir)
         sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
         engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         ids = [engine.encode(t, chat) for t in texts]
         result = build_clusters(
             engine, ids, sparsity, layer=layer, k=k, k_max=k_max, seed=seed, batch_size=batch_size,
-            progress=True, extra_meta={"chat": engine.uses_chat(chat), "data": str(data)},
+            progress=True, extra_meta={"chat": engine.uses_chat(chat), "data": source},
         )
     except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
         _fail(str(err))
@@ -403,7 +427,8 @@ def cluster(
 
 @app.command("similarity-eval")
 def similarity_eval(
-    data: str = typer.Option("../shared/data/truthfulqa/TruthfulQA.csv", help="The TruthfulQA CSV."),
+    data: Optional[str] = typer.Option(None, help="A TruthfulQA CSV (default: the built-in TruthfulQA)."),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     model: ModelOption = None,
     revision: RevisionOption = None,
     gguf_file: GgufFileOption = None,
@@ -424,22 +449,24 @@ def similarity_eval(
     """Similarity- vs stability-guided selection at equal density on held-out TruthfulQA (teacher-forced)."""
     from .api import load
     from .config import SparsityConfig
+    from .evaluation_data import describe
     from .loading import ModelNotFound
     from .predictors.evaluate import evaluate_truthfulqa
+    from .predictors.similarity import builtin_truthfulqa, load_truthfulqa
 
     try:
         sparsity = SparsityConfig(keep=keep, alpha=alpha, rule=rule)
+        items = load_truthfulqa(Path(data)) if data else builtin_truthfulqa(data_dir)
         engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         report = evaluate_truthfulqa(
-            engine, data, sparsity, cluster_fraction, eval_items, k, k_max,
+            engine, items, sparsity, cluster_fraction, eval_items, k, k_max,
             short_tokens=short_tokens, batch_size=batch_size, seed=seed, progress=True,
         )
+        report["data"] = str(data) if data else describe("truthfulqa", data_dir)
     except (ValueError, TypeError, ModelNotFound, FileNotFoundError) as err:
         _fail(str(err))
     text = json.dumps(report, indent=1)
     if out:
-        from pathlib import Path
-
         Path(out).write_text(text + "\n", encoding="utf-8")
     typer.echo(text)
 
@@ -447,7 +474,7 @@ def similarity_eval(
 @app.command()
 def analyze(
     out: str = typer.Option("analysis", help="Directory for analysis.json and the PNG plots."),
-    data_dir: str = typer.Option("../shared/data", help="The shared evaluation data."),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     model: ModelOption = None,
     revision: RevisionOption = None,
     gguf_file: GgufFileOption = None,
@@ -501,6 +528,7 @@ def bench(
     keeps: str = typer.Option("1.0,0.6,0.4,0.2", help="CoreInfer keep fractions, comma-separated."),
     weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16 or int8 (default: the engine's default for the device)."),
     quality_items: int = typer.Option(6, min=0, help="GSM8K answers scored teacher-forced for every row's agreement (0 skips)."),
+    data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     gguf: Optional[str] = typer.Option(None, help="GGUF for the llama.cpp row (default: the default model's)."),
     llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="Add llama.cpp when llama-cpp-python is installed."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak RSS per configuration, each in a fresh process."),
@@ -513,8 +541,6 @@ def bench(
 
     No --dtype: every row is measured against the float32 dense model (the HF row); the lean rows take --weights.
     """
-    from pathlib import Path
-
     from .bench import BenchSettings, llamacpp_available, markdown_table, run_bench, speed_quality_plot
     from .api import load
     from .loading import ModelNotFound, load_model_and_tokenizer, resolve_model
@@ -529,7 +555,7 @@ def bench(
         prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats, keeps=_floats(keeps), weights=weights,
         # the memory runs' fresh processes load the resolved local files, with no second Hub look-up
         model=None if model is None else str(source.path), gguf=gguf, llamacpp=llamacpp, memory=memory,
-        quality_items=quality_items, scaling_tokens=_ints(scaling_tokens),
+        quality_items=quality_items, data_dir=data_dir, scaling_tokens=_ints(scaling_tokens),
         scaling_batches=_ints(scaling_batches), scaling_repeats=scaling_repeats,
     )
     if llamacpp and llamacpp_available():

@@ -13,19 +13,20 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from . import evaluation_data
 from .config import DEFAULT_SPARSITY
 from .decode.loop import DecodeBackend, forced_logits
 from .decode.reference import ReferenceBackend
 from .engine import (
     ActivationRecorder, Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection,
 )
+from .evaluation_data import PathLike
 from .selection import (
     ALPHA_RULES, RANKINGS, RULES, coverage_core, fused_scores, griffin_scores, take_top,
     top_neurons, wina_scores,
@@ -50,18 +51,6 @@ GLASS_PRIOR_WEIGHT = 0.5
 # Data
 
 
-def data_dir() -> Path:
-    """Where the built-in sets live: ``$COREINFER_DATA``, else ``<repo>/../shared/data``."""
-    env = os.environ.get("COREINFER_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"evaluation data not found at {path}; set COREINFER_DATA to the shared data folder "
-            "(the one holding gsm8k/ and wikitext-2/)"
-        )
-    return path
-
-
 @dataclass(frozen=True)
 class Item:
     prompt: tuple[int, ...]
@@ -82,22 +71,28 @@ def _continuation_ids(engine: Engine, text: str, max_tokens: Optional[int]) -> t
     return tuple(ids[:max_tokens] if max_tokens else ids)
 
 
-def gsm8k_set(engine: Engine, n: int, answer_tokens: int = 96, calibration: int = 8) -> EvalSet:
-    """GSM8K test: the question (chat template applied, as ``Engine.encode`` does) -> its worked answer."""
-    path = data_dir() / "gsm8k" / "test.jsonl"
-    with open(path) as f:
-        rows = [json.loads(line) for _, line in zip(range(n + calibration), f)]
-    items = [Item(tuple(engine.encode(r["question"])), _continuation_ids(engine, r["answer"], answer_tokens)) for r in rows]
+def gsm8k_set(
+    engine: Engine, n: int, answer_tokens: int = 96, calibration: int = 8, data_dir: Optional[PathLike] = None
+) -> EvalSet:
+    """GSM8K test: the question (chat template applied, as ``Engine.encode`` does) -> its worked answer.
+
+    ``data_dir``: a local copy of the sets (see ``evaluation_data``); None: ``$COREINFER_DATA`` or the Hub.
+    """
+    problems = evaluation_data.gsm8k(data_dir)[: n + calibration]
+    items = [Item(tuple(engine.encode(p.question)), _continuation_ids(engine, p.answer, answer_tokens)) for p in problems]
     return EvalSet("gsm8k", items[:n], items[n:])
 
 
-def wikitext_set(engine: Engine, n: int, window: int = 256, continuation: int = 128, calibration: int = 8) -> EvalSet:
+def wikitext_set(
+    engine: Engine, n: int, window: int = 256, continuation: int = 128, calibration: int = 8,
+    data_dir: Optional[PathLike] = None,
+) -> EvalSet:
     """WikiText-2 test: a ``window``-token span -> the next ``continuation`` tokens.
 
     Blocks are spread evenly over the whole text; calibration blocks sit between
     evaluated ones, so the two never overlap.
     """
-    text = (data_dir() / "wikitext-2" / "test.txt").read_text()
+    text = evaluation_data.wikitext2(data_dir)
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     size = window + continuation
     blocks = len(ids) // size

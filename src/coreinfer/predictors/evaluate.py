@@ -11,12 +11,11 @@ dense, over all held-out items and over the short prompts alone.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from .similarity import SimilaritySelector, build_clusters, load_truthfulqa
+from .similarity import SimilaritySelector, build_clusters
 
 if TYPE_CHECKING:
     from ..engine import Engine, SparsityConfig
@@ -53,7 +52,7 @@ def _summary(rows: list[dict], names: list[str]) -> dict:
 
 def evaluate_truthfulqa(
     engine: "Engine",
-    csv_path: Path,
+    items: Sequence[tuple[str, str]],
     sparsity: "SparsityConfig",
     cluster_fraction: float = 0.5,
     eval_items: int = 100,
@@ -65,12 +64,11 @@ def evaluate_truthfulqa(
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Cluster on ``cluster_fraction`` of TruthfulQA; score up to ``eval_items`` of the rest."""
+    """Cluster on ``cluster_fraction`` of the (prompt, best answer) ``items``; score up to ``eval_items`` of the rest."""
     from tqdm import tqdm
 
     from ..engine import RuleSelector
 
-    items = load_truthfulqa(Path(csv_path))
     cluster_idx, eval_idx = split_items(len(items), cluster_fraction, seed)
     eval_idx = eval_idx[:eval_items]
     tok = engine.tokenizer

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import evaluation_data
+from ..evaluation_data import PathLike
 from ..selection import check_fraction, get_rule, num_kept, token_core_mask
 
 if TYPE_CHECKING:  # the engine is passed in; this module only calls its public methods
@@ -49,6 +51,11 @@ def load_truthfulqa(path: Path) -> list[tuple[str, str]]:
     """(prompt, best answer) pairs from the TruthfulQA CSV."""
     with open(path, newline="", encoding="utf-8") as fh:
         return [(truthfulqa_prompt(row["Question"]), row["Best Answer"].strip()) for row in csv.DictReader(fh)]
+
+
+def builtin_truthfulqa(data_dir: Optional[PathLike] = None) -> list[tuple[str, str]]:
+    """(prompt, best answer) pairs from the built-in TruthfulQA (a local copy or the Hub)."""
+    return [(truthfulqa_prompt(q.question), q.best_answer.strip()) for q in evaluation_data.truthfulqa(data_dir)]
 
 
 def load_prompts(path: Path) -> list[str]:

@@ -1,19 +1,13 @@
-"""PIQA validation from the shared data folder, its items joined with their labels (a separate file)."""
+"""PIQA validation as an lm-eval dataset: from a local copy ($COREINFER_DATA) or the Hub (see evaluation_data)."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 
 
 def load(**kwargs):
     import datasets
 
-    from coreinfer.quality import data_dir
+    from coreinfer.evaluation_data import piqa
 
-    folder = data_dir() / "piqa"
-    items = [json.loads(line) for line in (folder / "valid.jsonl").read_text().splitlines() if line.strip()]
-    labels = [int(line) for line in (folder / "valid-labels.lst").read_text().split()]
-    if len(items) != len(labels):
-        raise ValueError(f"PIQA: {len(items)} items but {len(labels)} labels")
-    rows = [{"goal": i["goal"], "sol1": i["sol1"], "sol2": i["sol2"], "label": label} for i, label in zip(items, labels)]
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list([asdict(item) for item in piqa()])})
