@@ -127,7 +127,8 @@ def test_coverage_keeps_the_fewest_neurons_holding_the_share():
     scores = torch.tensor([1.0, 6.0, 3.0, 0.0])  # total 10
     assert coverage_count(scores, 0.6) == 1  # 6 alone is 60 %
     assert coverage_count(scores, 0.61) == 2  # 6 + 3
-    assert coverage_count(scores, 1.0) == 3  # the zero adds nothing
+    assert coverage_count(scores, 0.99) == 3  # the zero adds nothing
+    assert coverage_count(scores, 1.0) == 4  # a full share is dense, silent neurons too
     assert coverage_core(scores, 0.9).tolist() == [1, 2]
     with pytest.raises(ValueError, match="share"):
         coverage_count(scores, 1.5)

@@ -168,8 +168,14 @@ def wina_scores(acts: torch.Tensor, column_norms: torch.Tensor) -> torch.Tensor:
 
 
 def coverage_count(scores: torch.Tensor, share: float) -> int:
-    """The fewest top-scoring neurons whose scores sum to at least ``share`` of the total (at least one)."""
+    """The fewest top-scoring neurons whose scores sum to at least ``share`` of the total (at least one).
+
+    ``share=1`` keeps every neuron, zero-scored ones too: a neuron silent over the prompt can
+    still fire while decoding, and a full share must reproduce dense.
+    """
     check_fraction("share", share)
+    if share >= 1.0:
+        return scores.shape[-1]
     ranked = torch.sort(scores.double(), descending=True).values
     cumulative = ranked.cumsum(0)
     return max(1, int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1)
