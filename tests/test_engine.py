@@ -184,3 +184,22 @@ def test_a_selector_may_revise_its_choice_after_the_prompt():
     assert session.neurons[2][0].tolist() == list(range(1, 9))
     _, masked = engine.continuation_logits(prompts(), [[1]] * 3, SparsityConfig(layers=(2,)), selector=Revising(), reference=True)
     assert torch.equal(masked.neurons[2], session.neurons[2])
+
+
+def test_wina_rule_weights_activations_by_down_columns():
+    from coreinfer.selection import griffin_scores, top_neurons, wina_scores
+
+    engine = Engine(tiny_model("llama"), tokenizer=None, name="tiny-llama", weights="fp32")
+    sparsity = SparsityConfig(keep=0.4, layers=(1, 2), rule="wina")
+    ps, conts = prompts(), prompts((5, 7, 3), seed=4)
+    compact, session = engine.continuation_logits(ps, conts, sparsity)
+    masked, _ = engine.continuation_logits(ps, conts, sparsity, reference=True)
+    for c, m in zip(compact, masked):
+        torch.testing.assert_close(c, m, rtol=1e-4, atol=1e-4)
+    # The kept set is the top of GRIFFIN's statistic over |a| x column norm, not of GRIFFIN's own.
+    acts = engine.record_activations(*engine.left_pad(ps[:1]))[2][1][0]
+    norms = engine.ffns[1].weights.down.detach().norm(dim=0)
+    assert torch.equal(session.neurons[1][0], top_neurons(wina_scores(acts, norms), 0.4))
+    assert not torch.equal(session.neurons[1][0], top_neurons(griffin_scores(acts), 0.4))
+    batch = engine.generate_ids(ps, sparsity, GREEDY)
+    assert [r.token_ids for r in batch] == [engine.generate_ids([p], sparsity, GREEDY)[0].token_ids for p in ps]

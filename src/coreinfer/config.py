@@ -7,10 +7,10 @@ from typing import Optional, Union
 
 from .selection import RULES, check_fraction, default_sparse_layers
 
-# Rules that need more than one prompt's activations (a per-model calibration):
-# the engine builds their selector. For them ``keep`` is the FFN density to aim
-# for, averaged over all layers, and they choose which layers are sparse.
-SELECTOR_RULES = ("adaptive",)
+# Rules that need more than the prompt's activations, so the engine builds their selector:
+# `adaptive` (a per-model calibration; its keep is the FFN density averaged over all layers, and
+# it chooses which layers are sparse) and `wina` (the model's down-projection column norms).
+SELECTOR_RULES = ("adaptive", "wina")
 # Every rule a SparsityConfig takes: the one list the unknown-rule error names.
 RULE_NAMES = tuple(sorted([*RULES, *SELECTOR_RULES]))
 

@@ -35,7 +35,7 @@ from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_log
 from .decode.reference import ReferenceBackend
 from .decode.weights import check_weights, default_weights
 from .loading import cache_root
-from .selection import get_rule
+from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 
 BACKENDS = ("auto", "lean", "reference")
@@ -96,6 +96,17 @@ class RuleSelector:
 
     def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
         return get_rule(self.rule)(acts, self.keep, self.alpha)
+
+
+@dataclass(frozen=True)
+class WinaSelector:
+    """WINA-style ranking: GRIFFIN's statistic over activations weighted by the down projection's column norms."""
+
+    column_norms: Sequence[torch.Tensor]  # per layer, [N]
+    keep: float
+
+    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        return top_neurons(wina_scores(acts, self.column_norms[layer]), self.keep)
 
 
 class SparseSession:
@@ -197,6 +208,7 @@ class Engine:
         self.weights = weights
         self._lean: dict[str, LeanBackend] = {}
         self._calibration = None
+        self._column_norms: Optional[list[torch.Tensor]] = None
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
@@ -345,7 +357,15 @@ class Engine:
         if sparsity.rule == "adaptive" and selector is None:
             selector = self.adaptive_selector(sparsity.keep)
             sparsity = replace(sparsity, layers=selector.sparse_layers())
+        if sparsity.rule == "wina" and selector is None:
+            selector = WinaSelector(self.down_column_norms(), sparsity.keep)
         return SparseSession(sparsity, self.ffns, mask, selector)
+
+    def down_column_norms(self) -> list[torch.Tensor]:
+        """Each layer's ``‖W_down[:, n]‖`` per neuron, computed once (WINA's weighting)."""
+        if self._column_norms is None:
+            self._column_norms = [f.weights.down.detach().float().norm(dim=0) for f in self.ffns]
+        return self._column_norms
 
     def adaptive_selector(self, density: float, prior_weight: Optional[float] = None) -> adaptive.AdaptiveSelector:
         """The calibrated adaptive selector for an FFN density target (calibrating on first use)."""

@@ -24,25 +24,26 @@ from .config import DEFAULT_SPARSITY
 from .decode.loop import DecodeBackend, forced_logits
 from .decode.reference import ReferenceBackend
 from .engine import (
-    ActivationRecorder, Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, finalize_selection,
+    ActivationRecorder, Engine, SamplingConfig, Selector, SparseSession, SparsityConfig, WinaSelector,
+    finalize_selection,
 )
 from .evaluation_data import PathLike
 from .selection import (
     ALPHA_RULES, RANKINGS, RULES, coverage_core, fused_scores, griffin_scores, take_top,
-    top_neurons, wina_scores,
+    top_neurons,
 )
 
 DENSE = "dense"
 STATIC = "static"
 ADAPTIVE = "adaptive"
 DEFAULT = "default"  # what `coreinfer generate` runs with no options (DEFAULT_SPARSITY)
+WINA = "wina"
 # Candidates measured against GRIFFIN (issue 12), evaluation-only: for `coverage`, keep is the share
 # of each layer's GRIFFIN energy to cover, so its density varies by layer and prompt.
-WINA = "wina"
 COVERAGE = "coverage"
 GLASS = "glass"
-CANDIDATES = (WINA, COVERAGE, GLASS)
-ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE, *CANDIDATES)
+CANDIDATES = (COVERAGE, GLASS)
+ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE, WINA, *CANDIDATES)
 # Rules needing a calibration prior over items never evaluated.
 PRIOR_RULES = (STATIC, GLASS)
 GLASS_PRIOR_WEIGHT = 0.5
@@ -163,17 +164,6 @@ class RankedSelector:
 
 
 @dataclass(frozen=True)
-class WinaSelector:
-    """GRIFFIN's ranking over activations weighted by the down projection's column norms."""
-
-    column_norms: dict[int, torch.Tensor]  # layer -> [N]
-    keep: float
-
-    def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        return top_neurons(wina_scores(acts, self.column_norms[layer]), self.keep)
-
-
-@dataclass(frozen=True)
 class CoverageSelector:
     """Per layer, the fewest neurons holding ``share`` of the prompt's GRIFFIN energy.
 
@@ -196,10 +186,6 @@ class GlassSelector:
 
     def __call__(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
         return top_neurons(fused_scores(griffin_scores(acts), self.prior[layer], self.prior_weight), self.keep)
-
-
-def down_column_norms(engine: Engine) -> dict[int, torch.Tensor]:
-    return {i: f.weights.down.float().norm(dim=0) for i, f in enumerate(engine.ffns)}
 
 
 # Prefill once, score many configurations
@@ -336,7 +322,7 @@ class Config:
         if self.rule == STATIC:
             return self.sparsity(layers), StaticSelector(static_scores, self.keep)
         if self.rule == WINA:
-            return self.sparsity(layers), WinaSelector(down_column_norms(engine), self.keep)
+            return self.sparsity(layers), WinaSelector(engine.down_column_norms(), self.keep)
         if self.rule == COVERAGE:
             return self.sparsity(layers), CoverageSelector(self.keep)
         if self.rule == GLASS:
