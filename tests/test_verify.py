@@ -41,5 +41,5 @@ def test_models_command_writes_json_and_markdown(monkeypatch, tmp_path):
     out = tmp_path / "models.json"
     result = CliRunner().invoke(app, ["models", "--model", "x", "--model", "y", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert [r["model"] for r in json.loads(out.read_text())] == ["x", "y"]
-    assert out.with_suffix(".md").read_text().count("\n") == 4
+    assert [r["model"] for r in json.loads(out.read_text())] == ["None", "x", "y"]  # the default first
+    assert out.with_suffix(".md").read_text().count("\n") == 5

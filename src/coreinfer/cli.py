@@ -575,17 +575,18 @@ def bench(
 
 @app.command()
 def models(
-    model: list[str] = typer.Option([], help="A model to verify (repeatable; default: the default model). " + MODEL_HELP),
+    model: list[str] = typer.Option([], help="A model to verify beside the default model (repeatable): a Hub id, a model directory or a .gguf file."),
     max_new_tokens: int = typer.Option(64, min=2, help="New tokens per prompt."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the rows here; the Markdown table goes beside it."),
 ) -> None:
-    """The verified-models table: load time, dense and default speed, the default's density and quality."""
+    """The verified-models table: the default model and each --model, with load time, dense and default
+    speed, and the default's FFN density and quality on the model's own answers."""
     from pathlib import Path
 
     from .verify import models_table, rows_to_json, verify_model
 
     rows = []
-    for name in model or [None]:
+    for name in [None, *model]:
         try:
             rows.append(verify_model(name, max_new_tokens, progress=lambda m: typer.secho(m, err=True, fg=typer.colors.BRIGHT_BLACK)))
         except (ValueError, TypeError, FileNotFoundError) as err:
