@@ -23,7 +23,8 @@ KEEP_HELP = ("Fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'ad
 QUALITY_HELP = ("keep auto: share of the dense model's predictions over the answer's first 16 tokens (decoded "
                 "densely) that the sparse model must reproduce; the lowest keep that does decodes the rest.")
 RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense layers + even budget, mass ranking), "
-             "coreinfer (the paper's Eq. 1-2), official, magnitude or random.")
+             "coreinfer (the paper's Eq. 1-2), official, magnitude, wina (GRIFFIN over activations x down-projection "
+             "column norms) or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
 WEIGHTS_HELP = "Lean weight format: auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8."
 DATA_DIR_HELP = ("A local copy of the built-in evaluation sets (gsm8k/test.jsonl, wikitext-2/test.txt ...); "
