@@ -175,6 +175,11 @@ def test_quality_cli_on_user_jsonl(real_engine, tmp_path):
             assert r["agreement"] == 1.0 and r["ppl"] == pytest.approx(r["dense_ppl"], rel=1e-5)
     assert 0 < rows[1]["ffn_density"] < 1
     assert png.stat().st_size > 1000 and "| pairs | griffin | 0.5 |" in result.stdout
+    # --keep without --rule: the default's ranking at that keep.
+    result = CliRunner().invoke(app, ["quality", "--data", str(data), "--data-items", "1", "--keep", "0.5",
+                                      "--weights", "fp32", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [(r["rule"], r["keep"]) for r in json.loads(out.read_text())["rows"]] == [("dense", 1.0), ("griffin", 0.5)]
 
 
 def test_adaptive_rule_in_the_harness_meets_its_density_target(llama):

@@ -232,7 +232,7 @@ def quality(
         if not rule and not keep:
             configs = [q.Config(q.DENSE), q.Config(q.DEFAULT, quality=quality_target)]
         else:
-            configs = q.sweep(rule or ["adaptive"], keep or [0.2, 0.4, 0.6, 0.8], alpha, quality_target)
+            configs = q.sweep(rule or [q.DEFAULT_SPARSITY.rule], keep or [0.2, 0.4, 0.6, 0.8], alpha, quality_target)
         engine = load(model, device=device, revision=revision, gguf_file=gguf_file, dtype=dtype)
         engine.backend(backend, weights)  # refuse a bad choice before any work
         if data is not None:
