@@ -95,3 +95,103 @@ def test_calibration_is_cached_on_disk_and_reused(monkeypatch, tmp_path):
     assert list(tmp_path.glob("calibration/*/adaptive.safetensors"))
     again = Engine(tiny_model("llama"), name="tiny-llama").calibration(progress=False)  # no prompts: must load
     assert torch.equal(again.sensitivity, first.sensitivity)
+
+
+# Fast calibration: the Fisher estimate from one dense pass, against the exact single-layer KL.
+
+
+def _old_measure(engine, ps, conts, level):
+    """The exact measure as it was first written: one continuation_logits pass per layer."""
+    dense, _ = engine.continuation_logits(ps, conts, None)
+    layers, out = engine.num_layers, []
+    for layer in range(layers):
+        selector = AdaptiveSelector(tuple(level if i == layer else 1.0 for i in range(layers)), torch.zeros(layers, 64), 0.0)
+        sparse, _ = engine.continuation_logits(ps, conts, SparsityConfig(keep=level, layers=(layer,)), selector=selector)
+        total = sum(
+            (torch.log_softmax(d, -1).exp() * (torch.log_softmax(d, -1) - torch.log_softmax(s, -1))).sum().item()
+            for d, s in zip(dense, sparse)
+        )
+        out.append(total / sum(len(c) for c in conts))
+    return torch.tensor(out)
+
+
+def test_exact_method_is_the_old_measure():
+    engine = Engine(tiny_model("llama"), name="tiny-llama")
+    ps, conts = prompts((8, 10, 6), seed=5), prompts((6, 6, 6), seed=6)
+    exact = calibrate(engine, ps, conts, levels=(0.3,), method="exact", progress=False)
+    torch.testing.assert_close(exact.sensitivity[:, 0], _old_measure(engine, ps, conts, 0.3), rtol=1e-5, atol=1e-8)
+    assert exact.meta["method"] == "exact"
+
+
+def test_fisher_calibration_shape_prior_and_seed(calibrated_engine):
+    engine, exact = calibrated_engine  # the fixture's calibration is the default method
+    assert exact.meta["method"] == "fisher"
+    ps, conts = prompts((8, 10, 6), seed=5), prompts((6, 6, 6), seed=6)
+    fisher = calibrate(engine, ps, conts, levels=(0.3, 0.6), progress=False)
+    assert fisher.sensitivity.shape == (4, 2) and (fisher.sensitivity > 0).all()
+    assert (fisher.sensitivity[:, 0] >= fisher.sensitivity[:, 1]).all()
+    assert torch.equal(fisher.sensitivity, exact.sensitivity)  # seeded: the same numbers every time
+    other = calibrate(engine, ps, conts, levels=(0.3, 0.6), progress=False, seed=1)
+    assert not torch.equal(other.sensitivity, fisher.sensitivity)
+    # The prior comes from the same dense pass and equals the one measured on its own.
+    reference = calibrate(engine, ps, conts, levels=(0.3,), method="exact", progress=False)
+    torch.testing.assert_close(fisher.prior, reference.prior, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="method"):
+        calibrate(engine, ps, conts, method="guess", progress=False)
+
+
+def test_fisher_estimate_matches_the_exact_kl_for_small_changes(arch):
+    # Keeping 90 % of the neurons changes the output little, where the second-order estimate is
+    # accurate; many probes make the estimate's own noise small. Every family; a window of 0 (linear
+    # from the sparse layer on) and one of 2 (exact for 2 layers, reaching the last from layer 1 on).
+    engine = Engine(tiny_model(arch), name=f"tiny-{arch}")
+    ps, conts = prompts((8, 10, 6, 12), seed=5), prompts((6, 9, 6, 7), seed=6)
+    exact = calibrate(engine, ps, conts, levels=(0.9,), method="exact", progress=False).sensitivity[:, 0]
+    for window in (0, 2):
+        fisher = calibrate(engine, ps, conts, levels=(0.9,), probes=120, window=window, progress=False)
+        torch.testing.assert_close(fisher.sensitivity[:, 0], exact, rtol=0.3, atol=1e-4)
+
+
+def test_hidden_states_and_output_head_give_the_model_logits(tiny_engine):
+    ids, mask = tiny_engine.left_pad(prompts())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, _ = tiny_engine._forward(ids, mask, positions, None, logits_to_keep=0)
+    weight, bias, softcap = tiny_engine.output_head()
+    with torch.no_grad():
+        z = torch.nn.functional.linear(tiny_engine.hidden_states(ids, mask, positions, None), weight, bias)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    torch.testing.assert_close(z, logits)
+
+
+_AUTOGRAD_GRAD = torch.autograd.grad
+
+
+def _layer_work(monkeypatch, layers, method):
+    """Decoder-layer forward calls and backward passes of one calibration of a ``layers``-layer model."""
+    from conftest import GATED
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**dict(GATED, num_hidden_layers=layers))).eval()
+    engine = Engine(model, name=f"tiny-{layers}")
+    calls = {"forward": 0, "backward": 0}
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+    grad = _AUTOGRAD_GRAD
+
+    def counted(*args, **kwargs):  # each call back-propagates through every layer once
+        calls["backward"] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)  # undone after the test
+    calibrate(engine, prompts((8, 6), seed=5), prompts((5, 5), seed=6), levels=(0.3,), method=method, probes=4, progress=False)
+    return calls
+
+
+def test_fisher_calibration_cost_is_linear_in_layers(monkeypatch):
+    small, double, quadruple = (_layer_work(monkeypatch, n, "fisher") for n in (4, 8, 16))
+    assert double["forward"] == 2 * small["forward"] and quadruple["forward"] == 4 * small["forward"]
+    assert small["backward"] == double["backward"] == quadruple["backward"] == 4  # one per probe
+    exact_small, exact_double = (_layer_work(monkeypatch, n, "exact") for n in (4, 8))
+    assert exact_double["forward"] > 3 * exact_small["forward"]  # the exact measure: quadratic

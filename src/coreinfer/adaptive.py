@@ -19,6 +19,7 @@ beside the model cache and reused; the default model's ships with the package.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import get_adapter
 from .config import SamplingConfig, SparsityConfig
 from .selection import check_fraction
 
@@ -36,6 +38,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
 CALIBRATION_FORMAT = 1
+METHODS = ("fisher", "exact")
+DEFAULT_METHOD = "fisher"
+DEFAULT_PROBES = 8
+PROBE_TOKENS = 256  # the Fisher's support at each position: the dense distribution's likeliest tokens
+DEFAULT_WINDOW = 3  # layers a sparse layer's change is propagated exactly before linearising
+FISHER_BATCH = 16  # sequences per dense pass
 DEFAULT_LEVELS = (0.2,)
 DEFAULT_PRIOR_WEIGHT = 0.3
 FRAGILE_FACTOR = 2.0
@@ -187,13 +195,13 @@ def calibration_prompts(engine: "Engine", max_new_tokens: int = 64) -> tuple[lis
     return [p for p, _ in pairs], [c for _, c in pairs]
 
 
-def _kl_to_dense(dense: Sequence[torch.Tensor], sparse: Sequence[torch.Tensor]) -> float:
-    total, count = 0.0, 0
+def _kl_to_dense(dense: Sequence[torch.Tensor], sparse: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per sequence, the KL(dense || sparse) summed over its continuation tokens: ``[B]``."""
+    sums = []
     for d, s in zip(dense, sparse):
         log_d, log_s = torch.log_softmax(d.float(), -1), torch.log_softmax(s.float(), -1)
-        total += (log_d.exp() * (log_d - log_s)).sum().item()
-        count += d.shape[0]
-    return total / max(count, 1)
+        sums.append((log_d.exp() * (log_d - log_s)).sum().item())
+    return torch.tensor(sums, dtype=torch.float64)
 
 
 def calibrate(
@@ -202,16 +210,45 @@ def calibrate(
     continuations: Optional[Sequence[Sequence[int]]] = None,
     levels: Sequence[float] = DEFAULT_LEVELS,
     progress: bool = True,
+    method: str = DEFAULT_METHOD,
+    probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    window: int = DEFAULT_WINDOW,
 ) -> Calibration:
-    """Measure each layer's sensitivity and the activation-mass prior (one pass per layer and level)."""
-    from tqdm.auto import tqdm
+    """Measure each layer's sensitivity and the activation-mass prior.
 
+    ``method="fisher"`` (the default) estimates every layer's KL from one dense pass and
+    ``probes`` backward passes (``fisher_kl``): its cost grows linearly with the layer count.
+    ``method="exact"`` runs one full pass per layer and level with that layer alone sparsified
+    (``exact_kl``): the measure itself, quadratic in the layer count.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if prompts is None:
         prompts, continuations = calibration_prompts(engine)
+    if method == "exact":
+        kl = exact_kl(engine, prompts, continuations, levels, progress)
+        prior = _prior(engine, prompts, continuations)
+    else:
+        kl, prior = fisher_kl(engine, prompts, continuations, levels, probes, seed, progress, window)
+    tokens = sum(len(c) for c in continuations)
+    sensitivity = (kl.sum(-1) / max(tokens, 1)).float()
+    # Sensitivity must not grow with keep; measurement noise at tiny KLs can make it wobble.
+    sensitivity = torch.flip(torch.cummax(torch.flip(sensitivity, [1]), 1).values, [1])
+    meta = {"prompts": len(prompts), "continuation_tokens": tokens, "method": method}
+    if method == "fisher":
+        meta.update(probes=probes, seed=seed, window=window)
+    return Calibration(model_fingerprint(engine), tuple(levels), sensitivity, prior.float(), meta)
+
+
+def exact_kl(engine: "Engine", prompts, continuations, levels: Sequence[float], progress: bool = True) -> torch.Tensor:
+    """KL(dense || one layer sparse) summed per sequence: ``[layers, levels, B]``, one pass per layer and level."""
+    from tqdm.auto import tqdm
+
     layers = engine.num_layers
     dense, _ = engine.continuation_logits(prompts, continuations, None)
-    prior = _prior(engine, prompts, continuations)
-    sensitivity = torch.zeros(layers, len(levels))
+    prior = torch.zeros(layers, max(f.weights.num_neurons for f in engine.ffns))  # unused with weight 0
+    kl = torch.zeros(layers, len(levels), len(prompts), dtype=torch.float64)
     bar = tqdm(total=layers * len(levels), desc="calibrating layer sensitivity", disable=not progress)
     for layer in range(layers):
         for j, level in enumerate(levels):
@@ -219,13 +256,208 @@ def calibrate(
             sparse, _ = engine.continuation_logits(
                 prompts, continuations, SparsityConfig(keep=level, layers=(layer,)), selector=selector
             )
-            sensitivity[layer, j] = _kl_to_dense(dense, sparse)
+            kl[layer, j] = _kl_to_dense(dense, sparse)
             bar.update()
     bar.close()
-    # Sensitivity must not grow with keep; measurement noise at tiny KLs can make it wobble.
-    sensitivity = torch.flip(torch.cummax(torch.flip(sensitivity, [1]), 1).values, [1])
-    meta = {"prompts": len(prompts), "continuation_tokens": sum(len(c) for c in continuations)}
-    return Calibration(model_fingerprint(engine), tuple(levels), sensitivity, prior.float(), meta)
+    return kl
+
+
+def fisher_kl(
+    engine: "Engine",
+    prompts,
+    continuations,
+    levels: Sequence[float],
+    probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    progress: bool = True,
+    window: int = DEFAULT_WINDOW,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's KL(dense || that layer alone sparsified), to second order, at a cost linear in layers.
+
+    Returns the per-sequence KL sums ``[layers, levels, B]`` and the activation-mass prior ``[layers, N]``.
+
+    Sparsifying layer L changes the residual stream. That change is propagated exactly through
+    ``window`` more layers (``Δ_L``, at the output of layer ``M = min(L + window, last)``), and
+    linearly from there: to second order the KL it causes is ``½ Σ_t Δz_tᵀ F_t Δz_t``, with
+    ``Δz = J_M Δ_L`` the logit change and ``F_t`` the Fisher of the dense softmax at position t.
+    A probe ``v_t`` with covariance ``F_t`` (Gaussian, on the dense distribution's
+    ``PROBE_TOKENS`` likeliest tokens), back-propagated once, gives ``g_M = J_Mᵀ v`` at every
+    layer at once, and ``E[(g_M · Δ_L)²] = Σ_t Δz_tᵀ F_t Δz_t``.
+
+    Cost: one dense forward with autograd, ``window + 1`` forwards per level (layers L, L + window
+    + 1, ... are sparsified in the same pass, each reset to dense once measured, so their windows
+    never overlap) and ``probes`` backward passes, each through every layer once: linear in the
+    layer count, where the exact measure runs the whole model once per layer. Probes are seeded.
+    """
+    from tqdm.auto import tqdm
+
+    layers = engine.num_layers
+    kl = torch.zeros(layers, len(levels), len(prompts), dtype=torch.float64)
+    prior = torch.stack([torch.zeros(f.weights.num_neurons, dtype=torch.float64) for f in engine.ffns])
+    generator = torch.Generator().manual_seed(seed)
+    chunks = range(0, len(prompts), FISHER_BATCH)
+    passes = 1 + len(levels) * min(window + 1, layers) + probes
+    bar = tqdm(total=len(chunks) * passes, desc="calibrating layer sensitivity", disable=not progress)
+    with engine.lock, torch.inference_mode(False):
+        for start in chunks:
+            rows = slice(start, start + FISHER_BATCH)
+            batch = _FisherBatch(engine, prompts[rows], continuations[rows], levels, window)
+            batch.dense_pass(prior, bar)
+            batch.window_passes(bar)
+            batch.probe(probes, generator, kl[:, :, rows], bar)
+    bar.close()
+    return kl, prior / prior.sum(-1, keepdim=True)
+
+
+class _FisherBatch:
+    """``fisher_kl`` over one batch of sequences: dense prefill, then the passes over the continuation."""
+
+    def __init__(self, engine: "Engine", prompts, continuations, levels, window: int):
+        self.engine, self.levels, self.window = engine, tuple(levels), window
+        self.layers = engine.num_layers
+        self.decoder_layers = get_adapter(engine.model.config.model_type).layers(engine.model)
+        batch = len(prompts)
+        # Dense prefill: each layer's kept neurons per level, selected from the prompt's activations
+        # exactly as the exact measure selects them, and the prompt's share of the prior.
+        self.ids, self.mask = engine.left_pad(prompts)
+        device = self.ids.device
+        self.keep = [torch.zeros(len(levels), batch, f.weights.num_neurons, device=device) for f in engine.ffns]
+        self.prompt_abs: list[list[torch.Tensor]] = [[] for _ in range(self.layers)]
+        every = SparsityConfig(keep=1.0, layers=tuple(range(self.layers)))
+        with torch.no_grad():
+            _, self.cache = engine.prefill(self.ids, self.mask, engine.new_session(every, self.mask, self._select))
+        width = max(len(c) for c in continuations)
+        cont = torch.full((batch, width), engine.pad_id(), dtype=torch.long)
+        for b, c in enumerate(continuations):
+            cont[b, : len(c)] = torch.tensor(list(c))
+        self.cont = cont.to(device)
+        lengths = torch.tensor([len(c) for c in continuations], device=device)
+        steps = torch.arange(width, device=device)[None, :]
+        self.fed = steps < lengths[:, None]  # real continuation tokens
+        self.scored = steps < lengths[:, None] - 1  # positions whose logits predict one of them
+        self.positions = self.mask.sum(-1, keepdim=True) + steps
+        self.full_mask = torch.cat([self.mask, torch.ones_like(self.cont)], 1)
+
+    def _select(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        b = len(self.prompt_abs[layer])
+        self.prompt_abs[layer].append(acts.abs().sum(0).double())
+        for j, level in enumerate(self.levels):
+            k = max(1, math.floor(level * acts.shape[-1] + 1e-9))
+            self.keep[layer][j, b, select_by_mass(acts, k)] = 1.0
+        return torch.arange(acts.shape[-1], device=acts.device)
+
+    def _run(self, ffn_handler, layer_hook) -> torch.Tensor:
+        """One forward over the continuation from a copy of the prompt's cache, with handlers installed."""
+        hooks = [layer.register_forward_hook(lambda m, a, out, i=i: layer_hook(i, out))
+                 for i, layer in enumerate(self.decoder_layers)]
+        for ffn in self.engine.ffns:
+            ffn.handler = ffn_handler
+        try:
+            return self.engine.hidden_states(self.cont, self.full_mask, self.positions, copy.deepcopy(self.cache))
+        finally:
+            for ffn in self.engine.ffns:
+                ffn.handler = None
+            for hook in hooks:
+                hook.remove()
+
+    def dense_pass(self, prior: torch.Tensor, bar) -> None:
+        """Dense, with autograd: a zero "tap" on each layer's output receives the gradient there."""
+        self.dense_out: dict[int, torch.Tensor] = {}
+        self.taps: dict[int, torch.Tensor] = {}
+
+        def ffn(module, x: torch.Tensor) -> torch.Tensor:
+            weights = module.weights
+            acts = weights.activations(_batched(x, self.cont.shape[0]))
+            with torch.no_grad():  # the prior: activation mass over prompt + continuation, per sequence
+                total = (acts.abs() * self.fed[..., None]).sum(1).double() + torch.stack(self.prompt_abs[module.layer_idx])
+                prior[module.layer_idx] += (total / total.sum(-1, keepdim=True).clamp_min(1e-30)).sum(0).to(prior)
+            return weights.project_down(acts).view(*x.shape[:-1], -1)
+
+        def tap(layer: int, out):
+            hidden = _hidden(out)
+            self.dense_out[layer] = hidden.detach()
+            self.taps[layer] = torch.zeros_like(hidden, requires_grad=True)
+            return _replace_hidden(out, hidden + self.taps[layer])
+
+        with torch.enable_grad():
+            self.hidden = self._run(ffn, tap)
+        bar.update()
+
+    def window_passes(self, bar) -> None:
+        """``Δ_L`` per layer and level: layers L ≡ r (mod window + 1) sparsified together, each
+        measured at the end of its window and reset to dense there."""
+        stride = self.window + 1
+        self.ends = [min(layer + self.window, self.layers - 1) for layer in range(self.layers)]
+        self.deltas: dict[tuple[int, int], torch.Tensor] = {}
+        for j in range(len(self.levels)):
+            for residue in range(min(stride, self.layers)):
+                sources = {self.ends[l]: l for l in range(residue, self.layers, stride)}
+
+                def ffn(module, x: torch.Tensor, j=j, residue=residue) -> torch.Tensor:
+                    weights = module.weights
+                    acts = weights.activations(_batched(x, self.cont.shape[0]))
+                    if module.layer_idx % stride == residue:
+                        acts = acts * self.keep[module.layer_idx][j][:, None, :]
+                    return weights.project_down(acts).view(*x.shape[:-1], -1)
+
+                def measure(layer: int, out, j=j, sources=sources):
+                    if layer not in sources:
+                        return out
+                    dense = self.dense_out[layer]
+                    self.deltas[sources[layer], j] = _hidden(out) - dense
+                    return _replace_hidden(out, dense)
+
+                with torch.no_grad():
+                    self._run(ffn, measure)
+                bar.update()
+
+    def probe(self, probes: int, generator: torch.Generator, kl: torch.Tensor, bar) -> None:
+        """Probes from the dense distribution's likeliest tokens, mapped through the LM head by
+        hand (a gather, not a vocabulary-sized matmul), one backward pass each."""
+        weight, bias, softcap = self.engine.output_head()
+        h = self.hidden.detach()[self.scored]  # [R, d]
+        top_z, top_i, log_norm = [], [], []
+        for part in h.split(256):
+            z = torch.nn.functional.linear(part, weight, bias).float()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            values, index = z.topk(min(PROBE_TOKENS, z.shape[-1]), -1)
+            top_z.append(values), top_i.append(index), log_norm.append(torch.logsumexp(z, -1, keepdim=True))
+        top_z, top_i = torch.cat(top_z), torch.cat(top_i)
+        p = (top_z - torch.cat(log_norm)).exp()  # [R, r]
+        mass = p.sum(-1, keepdim=True)
+        q = p / mass
+        # logits = softcap·tanh(u / softcap), so d logits / du = 1 - (logits / softcap)²
+        chain = 1 - (top_z / softcap) ** 2 if softcap is not None else 1.0
+        ends = sorted(set(self.ends))
+        for k in range(probes):
+            noise = q.sqrt() * torch.randn(q.shape, generator=generator).to(q)
+            v = mass.sqrt() * (noise - q * noise.sum(-1, keepdim=True)) * chain  # covariance: the Fisher on top
+            grad_h = torch.zeros_like(self.hidden)
+            grad_h[self.scored] = torch.nn.functional.embedding_bag(
+                top_i, weight, per_sample_weights=v.to(weight.dtype), mode="sum"
+            )
+            grads = dict(zip(ends, torch.autograd.grad(
+                self.hidden, [self.taps[m] for m in ends], grad_h, retain_graph=k < probes - 1
+            )))
+            for (layer, j), delta in self.deltas.items():
+                projection = (grads[self.ends[layer]] * delta).sum(-1).double().sum(-1)  # [B]: g·Δ
+                kl[layer, j] += projection.cpu() ** 2 / (2 * probes)
+            bar.update()
+
+
+def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """An FFN input as ``[B, T, d]`` (OPT hands its FFN ``[B*T, d]``)."""
+    return x if x.dim() == 3 else x.view(batch, -1, x.shape[-1])
+
+
+def _hidden(out) -> torch.Tensor:
+    """A decoder layer's output hidden states (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_hidden(out, hidden: torch.Tensor):
+    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
 
 
 def _prior(engine: "Engine", prompts, continuations) -> torch.Tensor:

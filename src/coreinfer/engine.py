@@ -344,6 +344,19 @@ class Engine:
         new_cache = getattr(out, "cache", None)
         return out.logits, new_cache if new_cache is not None else out.past_key_values
 
+    def hidden_states(self, ids, mask, positions, cache) -> torch.Tensor:
+        """The last hidden states ``[B, T, d]`` the LM head reads, continuing ``cache`` (grad-safe)."""
+        base = self.model.base_model
+        params = inspect.signature(base.forward).parameters
+        cache_kw = {("cache" if "cache" in params else "past_key_values"): cache} if cache is not None else {}
+        out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
+        return out.last_hidden_state
+
+    def output_head(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+        """The LM head as ``(weight [V, d], bias, softcap)``: logits = ``softcap·tanh((h·Wᵀ + b)/softcap)``."""
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None), getattr(self.model.config, "final_logit_softcapping", None)
+
     def new_session(
         self, sparsity: Optional[SparsityConfig], mask: torch.Tensor, selector: Optional[Selector] = None
     ) -> Optional[SparseSession]:
