@@ -30,6 +30,9 @@ from transformers import (
 
 from coreinfer import Engine
 
+# The tiny models run here; COREINFER_TEST_DEVICE=cuda runs the same checks on a GPU (device-agnostic code).
+TEST_DEVICE = os.environ.get("COREINFER_TEST_DEVICE", "cpu")
+
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256)
 GATED = dict(COMMON, intermediate_size=64, num_key_value_heads=2)
@@ -61,7 +64,7 @@ def tiny_model(arch: str, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0) if p.dim() > 1 else None
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -148,7 +148,7 @@ def test_engine_runs_on_cuda_when_present():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here; the same code runs there (device comes from the model)")
     engine = Engine(tiny_model("llama").to("cuda"))
-    cpu = Engine(tiny_model("llama"))
+    cpu = Engine(tiny_model("llama").to("cpu"))
     sparsity = SparsityConfig(keep=0.5)
     assert engine.generate_ids(prompts(), sparsity, GREEDY)[0].token_ids == cpu.generate_ids(prompts(), sparsity, GREEDY)[0].token_ids
 
