@@ -9,10 +9,12 @@ from coreinfer.adaptive import (
     Calibration,
     allocate_budgets,
     calibrate,
+    compare_methods,
     select_by_mass,
+    spearman,
 )
 
-from conftest import prompts, tiny_model
+from conftest import prompts, save_tiny_model, tiny_model
 
 
 def test_fragile_layers_stay_dense_and_the_rest_share_the_budget():
@@ -125,7 +127,7 @@ def test_exact_method_is_the_old_measure():
 
 def test_fisher_calibration_shape_prior_and_seed(calibrated_engine):
     engine, default = calibrated_engine
-    assert default.meta["method"] == "exact"  # fisher stays opt-in until shown to rank layers alike
+    assert default.meta["method"] == "exact"  # fisher stays opt-in: its probe noise moves borderline layers
     ps, conts = prompts((8, 10, 6), seed=5), prompts((6, 6, 6), seed=6)
     fisher = calibrate(engine, ps, conts, levels=(0.3, 0.6), progress=False, method="fisher")
     assert fisher.sensitivity.shape == (4, 2) and (fisher.sensitivity > 0).all()
@@ -196,3 +198,59 @@ def test_fisher_calibration_cost_is_linear_in_layers(monkeypatch):
     assert small["backward"] == double["backward"] == quadruple["backward"] == 4  # one per probe
     exact_small, exact_double = (_layer_work(monkeypatch, n, "exact") for n in (4, 8))
     assert exact_double["forward"] > 3 * exact_small["forward"]  # the exact measure: quadratic
+
+
+def test_spearman_on_hand_made_scores():
+    assert spearman(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 9.0, 2.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([3.0, 1.0, 2.0])) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
+
+
+def test_compare_reports_both_methods_on_the_same_text():
+    engine = Engine(tiny_model("llama"), name="tiny-llama")
+    ps, conts = prompts((8, 10, 6, 12), seed=5), prompts((6, 9, 6, 7), seed=6)
+    report = compare_methods(engine, seeds=(0, 1), progress=False, prompts=ps, continuations=conts)
+    assert report["layers"] == 4 and report["sequences"] == 4 and report["tokens"] == 28
+    exact = calibrate(engine, ps, conts, method="exact", progress=False)
+    assert report["exact"]["sensitivity"] == pytest.approx(exact.sensitivity[:, 0].tolist(), rel=1e-3)
+    assert [row["seed"] for row in report["fisher"]] == [0, 1]
+    assert report["fisher"][0]["sensitivity"] != report["fisher"][1]["sensitivity"]  # seeds differ
+    for row in report["fisher"]:
+        assert -1.0 <= row["spearman_with_exact"] <= 1.0 and row["seconds"] >= 0
+    assert -1.0 <= report["exact"]["split_half_spearman"] <= 1.0
+
+
+def test_refresh_measures_again_and_replaces_the_stored_calibration(monkeypatch, tmp_path):
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    ps, conts = prompts((8, 10, 6), seed=5), prompts((6, 6, 6), seed=6)
+    engine = Engine(tiny_model("llama"), name="tiny-llama")
+    first = engine.calibration(ps, conts, progress=False)
+    assert first.meta["method"] == "exact"
+    again = engine.calibration(ps, conts, progress=False, refresh=True, method="fisher")
+    assert again.meta["method"] == "fisher" and again is engine.calibration(progress=False)
+    stored = Engine(tiny_model("llama"), name="tiny-llama").calibration(progress=False)  # loads, measures nothing
+    assert stored.meta["method"] == "fisher" and torch.equal(stored.sensitivity, again.sensitivity)
+
+
+def test_calibrate_command_stores_compares_and_refuses_a_bad_method(monkeypatch, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from coreinfer.cli import app
+
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path / "cache"))
+    save_tiny_model(tmp_path / "tiny")
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["method"] == "exact" and len(report["sensitivity"]) == 4
+    assert list((tmp_path / "cache" / "calibration").glob("*/adaptive.safetensors"))
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--method", "fisher"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["method"] == "fisher"
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--compare", "--seeds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "split-half" in result.stdout and "fisher, seed 3" in result.stdout
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--method", "guess"])
+    assert result.exit_code == 2 and "fisher, exact" in result.output

@@ -387,23 +387,29 @@ class Engine:
         weight = adaptive.DEFAULT_PRIOR_WEIGHT if prior_weight is None else prior_weight
         return adaptive.AdaptiveSelector(tuple(keeps), calibration.prior, weight)
 
-    def calibration(self, prompts=None, continuations=None, progress: bool = True) -> adaptive.Calibration:
+    def calibration(
+        self, prompts=None, continuations=None, progress: bool = True, refresh: bool = False, method: Optional[str] = None
+    ) -> adaptive.Calibration:
         """This model's adaptive calibration: loaded from the cache, else measured once and stored.
 
-        ``prompts``/``continuations`` (token ids) replace the built-in calibration text.
+        ``prompts``/``continuations`` (token ids) replace the built-in calibration text;
+        ``refresh`` measures again (with ``method``, default ``adaptive.DEFAULT_METHOD``) and replaces the stored one.
         """
-        if self._calibration is None:
+        if self._calibration is None or refresh:
             fingerprint = adaptive.model_fingerprint(self)
             directory = cache_root() / "calibration" / fingerprint
             # The default model's calibration ships with the package, so its first use is instant.
-            for candidate in (directory, adaptive.shipped_calibration_dir(fingerprint)):
+            stored = () if refresh else (directory, adaptive.shipped_calibration_dir(fingerprint))
+            for candidate in stored:
                 try:
                     self._calibration = adaptive.Calibration.load(candidate, expect_model=fingerprint)
                     break
                 except (OSError, ValueError, KeyError):
                     continue
             else:
-                self._calibration = adaptive.calibrate(self, prompts, continuations, progress=progress)
+                self._calibration = adaptive.calibrate(
+                    self, prompts, continuations, progress=progress, method=method or adaptive.DEFAULT_METHOD
+                )
                 self._calibration.save(directory)
         return self._calibration
 
