@@ -230,7 +230,7 @@ def compare_methods(
     half = len(prompts) // 2
 
     def summary(kl: torch.Tensor, seconds: float) -> dict:
-        sensitivity = kl[:, 0].sum(-1) / max(tokens, 1)
+        sensitivity = _per_token(kl, tokens)[:, 0]
         return {"seconds": round(seconds, 1), "fragile": fragile_layers(sensitivity[:, None].float()),
                 "sensitivity": [float(f"{x:.4g}") for x in sensitivity.tolist()]}
 
@@ -249,6 +249,11 @@ def compare_methods(
         row.update(seed=seed, spearman_with_exact=round(spearman(kl[:, 0].sum(-1), exact[:, 0].sum(-1)), 3))
         report["fisher"].append(row)
     return report
+
+
+def _per_token(kl: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-sequence KL sums ``[layers, levels, B]`` as each layer's KL per continuation token ``[layers, levels]``."""
+    return kl.sum(-1) / max(tokens, 1)
 
 
 def _kl_to_dense(dense: Sequence[torch.Tensor], sparse: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -288,7 +293,7 @@ def calibrate(
     else:
         kl, prior = fisher_kl(engine, prompts, continuations, levels, probes, seed, progress, window)
     tokens = sum(len(c) for c in continuations)
-    sensitivity = (kl.sum(-1) / max(tokens, 1)).float()
+    sensitivity = _per_token(kl, tokens).float()
     # Sensitivity must not grow with keep; measurement noise at tiny KLs can make it wobble.
     sensitivity = torch.flip(torch.cummax(torch.flip(sensitivity, [1]), 1).values, [1])
     meta = {"prompts": len(prompts), "continuation_tokens": tokens, "method": method}

@@ -346,10 +346,8 @@ class Engine:
 
     def hidden_states(self, ids, mask, positions, cache) -> torch.Tensor:
         """The last hidden states ``[B, T, d]`` the LM head reads, continuing ``cache`` (grad-safe)."""
-        base = self.model.base_model
-        params = inspect.signature(base.forward).parameters
-        cache_kw = {("cache" if "cache" in params else "past_key_values"): cache} if cache is not None else {}
-        out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
+        cache_kw = {self._cache_kwarg: cache} if cache is not None else {}  # the base model's name is the LM's
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
         return out.last_hidden_state
 
     def output_head(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
