@@ -1,8 +1,10 @@
 """One small adapter per architecture family: where the FFN lives and what it ranks.
 
-Each adapter answers three questions about a Hugging Face causal LM: which
+Each adapter answers four questions about a Hugging Face causal LM: which
 modules are its decoder layers, how to read a layer's FFN as ``FFNWeights``,
-and how to put a ``SparseFFN`` in its place. Adapters are looked up by
+how to put a ``SparseFFN`` in its place, and which attention projections read
+the layer's normed hidden state (q, k, v) and the attention's output (o), for
+token-level sparsity. Adapters are looked up by
 ``config.model_type``; nothing else in coreinfer matches on module names.
 """
 
@@ -38,6 +40,11 @@ class FFNAdapter:
             down_bias=mlp.down_proj.bias,
         )
 
+    def attention_inputs(self, layer: nn.Module) -> dict[str, list[nn.Module]]:
+        """The attention's projections by the input they read: ``qkv`` (the normed hidden state), ``o``."""
+        attn = layer.self_attn
+        return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+
     def install(self, layer: nn.Module, ffn: SparseFFN) -> None:
         setattr(layer, self.mlp_attr, ffn)
 
@@ -70,6 +77,10 @@ class OPTAdapter(FFNAdapter):
             act=modules["act"],
         )
 
+    def attention_inputs(self, layer: nn.Module) -> dict[str, list[nn.Module]]:
+        attn = layer.self_attn
+        return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.out_proj]}
+
     def install(self, layer: nn.Module, ffn: SparseFFN) -> None:
         ffn.flat_input = True
         layer.fc1 = ffn
@@ -87,6 +98,9 @@ class GPT2Adapter(FFNAdapter):
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.transformer.h
+
+    def attention_inputs(self, layer: nn.Module) -> dict[str, list[nn.Module]]:
+        return {"qkv": [layer.attn.c_attn], "o": [layer.attn.c_proj]}
 
     def read_ffn(self, modules: nn.ModuleDict) -> FFNWeights:
         mlp = modules["mlp"]
@@ -106,6 +120,9 @@ class GPTNeoXAdapter(FFNAdapter):
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.gpt_neox.layers
+
+    def attention_inputs(self, layer: nn.Module) -> dict[str, list[nn.Module]]:
+        return {"qkv": [layer.attention.query_key_value], "o": [layer.attention.dense]}
 
     def read_ffn(self, modules: nn.ModuleDict) -> FFNWeights:
         mlp = modules["mlp"]
@@ -148,6 +165,12 @@ def get_adapter(model_type: str) -> FFNAdapter:
             f"coreinfer has no adapter for model_type {model_type!r}; "
             f"supported: {', '.join(sorted(ADAPTERS))}"
         ) from None
+
+
+def attention_inputs(model: nn.Module) -> list[dict[str, list[nn.Module]]]:
+    """Per decoder layer, the attention projections grouped by the input they read."""
+    adapter = get_adapter(model.config.model_type)
+    return [adapter.attention_inputs(layer) for layer in adapter.layers(model)]
 
 
 def wrap_model(model: nn.Module) -> list[SparseFFN]:

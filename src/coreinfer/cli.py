@@ -17,11 +17,17 @@ REVISION_HELP = "Hub id only: the branch, tag or commit to load (default: main).
 GGUF_FILE_HELP = "Hub id (or directory) only: the GGUF file to load from it; dequantised once into the safetensors cache."
 DTYPE_HELP = ("dtype the model is loaded in (the reference backend, dense logits): auto (the checkpoint's on CUDA, "
               "float32 on the CPU), float32, bfloat16 or float16. The lean backend copies it into --weights.")
-DEFAULT_QUALITY = 0.95  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
-KEEP_HELP = ("Fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN density over "
-             "all layers), or auto: chosen per request to meet --quality.")
-QUALITY_HELP = ("keep auto: share of the dense model's predictions over the answer's first 16 tokens (decoded "
-                "densely) that the sparse model must reproduce; the lowest keep that does decodes the rest.")
+DEFAULT_QUALITY = 0.9  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
+KEEP_HELP = ("sentence mode: fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN "
+             "density over all layers); token mode: share of the --targets weights read per token; or auto: "
+             "chosen per request to meet --quality.")
+QUALITY_HELP = ("keep auto: share of the dense model's top-1 predictions the sparse model must reproduce. Token "
+                "mode: the model's calibrated level reaching it on the calibration answers, checked on the "
+                "answer's first 16 tokens (decoded densely); sentence mode: the lowest keep reaching it there.")
+MODE_HELP = ("token (each decoded token reads only the weights of its large inputs; the default with keep auto) "
+             "or sentence (one core-neuron set per prompt, gathered once: the paper's method; the default "
+             "with a numeric --keep).")
+TARGETS_HELP = "token mode: the inputs thinned, ffn (gate/up and down) or all (the attention's q/k/v and o too)."
 RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense layers + even budget, mass ranking), "
              "coreinfer (the paper's Eq. 1-2), official, magnitude, wina (GRIFFIN over activations x down-projection "
              "column norms) or random.")
@@ -83,6 +89,8 @@ def generate(
     quality: float = typer.Option(DEFAULT_QUALITY, help=QUALITY_HELP),
     alpha: float = typer.Option(0.2, help="Token-wise fraction of positive activations counted as core, in (0, 1]."),
     rule: str = typer.Option("griffin", help=RULE_HELP),
+    mode: Optional[str] = typer.Option(None, help=MODE_HELP),
+    targets: str = typer.Option("ffn", help=TARGETS_HELP),
     dense: bool = typer.Option(False, "--dense", help="Decode densely (the baseline)."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -104,12 +112,16 @@ def generate(
 ) -> None:
     """Generate a completion, streaming it to standard output."""
     from .api import load
-    from .config import SamplingConfig, SparsityConfig
+    from .config import SamplingConfig, SparsityConfig, mode_for
     from .loading import ModelNotFound
 
     text = _read_prompt(prompt)
     try:
-        sparsity = None if dense else SparsityConfig(keep=_keep(keep), alpha=alpha, rule=rule, quality=quality)
+        sparsity = None if dense else SparsityConfig(
+            keep=_keep(keep), alpha=alpha, rule=rule, quality=quality, targets=targets,
+            # memory-limited mode is the fixed set's: only its rows live in fast memory
+            mode=mode_for(mode or ("sentence" if memory_limit else None), _keep(keep)),
+        )
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         if fast is not None:
             backend, weights = "lean", fast
@@ -131,7 +143,9 @@ def generate(
     except ValueError as err:
         _fail(str(err))
     if as_json:
-        payload = {"model": engine.name, "rule": None if dense else rule, "alpha": None if dense else alpha}
+        token = sparsity is not None and sparsity.token
+        payload = {"model": engine.name, "rule": None if dense or token else rule,
+                   "alpha": None if dense or token else alpha, "targets": targets if token else None}
         if selector is not None:
             payload.update(method="similarity", clusters=clusters, cluster=int(selector.assigned[0]))
         payload.update(result.to_dict())
@@ -140,7 +154,8 @@ def generate(
         sys.stdout.write("\n")
         typer.secho(
             f"[{result.new_tokens} tokens, {result.decode_tok_s:.1f} tok/s decode, "
-            f"ffn_density {result.ffn_density:.3f}, {result.backend} backend, {result.weights} weights]",
+            f"{result.mode}, ffn_density {result.ffn_density:.3f}, weight_share {result.weight_share:.3f}, "
+            f"{result.backend} backend, {result.weights} weights]",
             err=True,
             fg=typer.colors.BRIGHT_BLACK,
         )
@@ -158,6 +173,8 @@ def serve(
     quality: float = typer.Option(DEFAULT_QUALITY, help="Default quality target of keep auto (see generate --help)."),
     alpha: float = typer.Option(0.2, help="Default alpha for requests that give none."),
     rule: str = typer.Option("griffin", help="Default selection rule (see generate --help)."),
+    mode: Optional[str] = typer.Option(None, help="Default mode (see generate --help)."),
+    targets: str = typer.Option("ffn", help=TARGETS_HELP),
     max_tokens: int = typer.Option(256, min=1, help="Default max_tokens for requests that give none."),
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
@@ -175,7 +192,8 @@ def serve(
 
     try:
         settings = ServerSettings(
-            _keep(keep), alpha, rule, quality, max_tokens, max_tokens_limit, max_prompt_tokens, max_choices
+            _keep(keep), alpha, rule, quality, mode, targets, max_tokens, max_tokens_limit, max_prompt_tokens,
+            max_choices,
         )
         engine = load(
             model, device=device, backend=backend, weights=weights, revision=revision, gguf_file=gguf_file, dtype=dtype
@@ -195,7 +213,7 @@ def quality(
     revision: RevisionOption = None,
     gguf_file: GgufFileOption = None,
     dtype: DtypeOption = "float32",
-    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, default, or all; evaluation-only candidates: wina, coverage (keep = share of each layer's GRIFFIN energy), glass. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
+    rule: list[str] = typer.Option([], help="Rule to evaluate (repeatable): dense, coreinfer, official, magnitude, griffin, random, static, adaptive, token (token-level, keep = share of FFN weights read per token), token_all (FFN and attention), default, or all; evaluation-only candidates: wina, coverage (keep = share of each layer's GRIFFIN energy), glass. With neither --rule nor --keep: the default configuration of `coreinfer generate` (one row, rule 'default')."),
     keep: list[float] = typer.Option([], help="Keep fraction (repeatable; default 0.2, 0.4, 0.6, 0.8 when --rule is given)."),
     quality_target: Optional[float] = typer.Option(None, "--quality", help="Quality target of the default row (keep auto; default: the default's)."),
     alpha: list[float] = typer.Option([0.2], help="Alpha for the rules that use one (repeatable)."),

@@ -15,6 +15,10 @@ SELECTOR_RULES = ("adaptive", "wina")
 RULE_NAMES = tuple(sorted([*RULES, *SELECTOR_RULES]))
 
 
+MODES = ("sentence", "token")
+# What token-level sparsity thins: the FFN's inputs, or the attention's as well (token_sparsity.TARGETS).
+TOKEN_TARGETS = ("ffn", "all")
+
 AUTO = "auto"
 # Densities keep="auto" tries, lowest first; past the last it decodes densely.
 AUTO_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -29,6 +33,11 @@ class SparsityConfig:
     ``AUTO_CANDIDATES``, and the lowest keep whose sparse model reproduces at least ``quality``
     of the dense warm-up predictions (teacher-forced top-1) decodes the rest; if none does, the
     rest stays dense. ``quality`` and ``warmup`` only matter for ``keep="auto"``.
+
+    ``mode="token"`` is token-level sparsity instead (``token_sparsity``): each decoded token
+    drops the small entries of the inputs to its weight matrices, with thresholds calibrated per
+    model; ``keep`` is then the share of the ``targets`` weights read per token, spread over the
+    layers by the calibration (``rule``, ``alpha`` and ``layers`` do not apply).
     """
 
     keep: Union[float, str] = 0.4
@@ -37,8 +46,14 @@ class SparsityConfig:
     layers: Optional[tuple[int, ...]] = None
     quality: float = 0.95
     warmup: int = 16
+    mode: str = "sentence"
+    targets: str = "all"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.targets not in TOKEN_TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(TOKEN_TARGETS)}, not {self.targets!r}")
         if self.keep != AUTO:
             try:
                 check_fraction("keep", self.keep)
@@ -54,6 +69,10 @@ class SparsityConfig:
     @property
     def auto(self) -> bool:
         return self.keep == AUTO
+
+    @property
+    def token(self) -> bool:
+        return self.mode == "token"
 
     def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.layers is None:
@@ -83,6 +102,18 @@ class SamplingConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
 
-# What `coreinfer generate`, the server and `coreinfer eval` run when told nothing: the density chosen
-# per request (keep="auto"), neurons ranked GRIFFIN's way over prompt + warm-up.
-DEFAULT_SPARSITY = SparsityConfig(keep=AUTO, rule="griffin")
+def mode_for(mode: Optional[str], keep: Union[float, str]) -> str:
+    """The mode a front end runs when told ``mode`` (None: not told) and ``keep``.
+
+    Not told, ``keep="auto"`` is the default's token-level sparsity and a number keeps that share
+    of each sparse layer's neurons for the whole answer (sentence-level), as it always has.
+    """
+    if mode is not None:
+        return mode
+    return "token" if keep == AUTO else "sentence"
+
+
+# What `coreinfer generate`, the server and `coreinfer eval` run when told nothing: token-level
+# sparsity of the FFN inputs at the model's calibrated level for `quality`, checked on a dense
+# warm-up of each answer (keep="auto"). `rule` is what a sentence-level request ranks by.
+DEFAULT_SPARSITY = SparsityConfig(keep=AUTO, rule="griffin", mode="token", targets="ffn", quality=0.9)

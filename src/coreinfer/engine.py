@@ -25,18 +25,21 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 
 from . import adaptive
-from .adapters import wrap_model
+from .adapters import attention_inputs, wrap_model
 from .config import SELECTOR_RULES, SamplingConfig, SparsityConfig
 from .decode import loop
 from .decode.lean import SUPPORTED_TYPES as LEAN_TYPES
 from .decode.lean import LeanBackend, LeanModel
-from .decode.auto import choose_keep
+from .decode.auto import choose_keep, choose_token_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
 from .decode.weights import check_weights, default_weights
 from .loading import cache_root
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
+from .token_calibration import calibrate_tokens
+from .token_session import TokenSession
+from .token_sparsity import TokenProfile, TokenThresholds
 
 BACKENDS = ("auto", "lean", "reference")
 
@@ -110,7 +113,7 @@ class WinaSelector:
 
 
 class SparseSession:
-    """One request's sparse state: its core neurons and compact weights, per layer.
+    """One request's sentence-level sparse state: its core neurons and compact weights, per layer.
 
     ``neurons[layer]`` is ``[B, K]``: each sequence's kept neurons, selected
     from its own (unpadded) prompt tokens by ``selector`` (by default the
@@ -131,6 +134,8 @@ class SparseSession:
         self.selector = selector or RuleSelector(config.rule, config.keep, config.alpha)
         self.neurons: dict[int, torch.Tensor] = {}
         self.compacts: dict[int, CompactFFN] = {}
+
+    mode = "sentence"
 
     @property
     def batch_size(self) -> int:
@@ -162,6 +167,10 @@ class SparseSession:
     def build_compacts(self) -> None:
         """Gather each sparse layer's core rows and columns once, per sequence."""
         self.compacts = {layer: self.ffns[layer].weights.gather(self.neurons[layer]) for layer in self.layers}
+
+    def decode_phase(self, masked: bool = False):
+        """The decode-time handler on the sparse layers: compact weights, or their masked dense reference."""
+        return self.phase(self.masked if masked else self.compact)
 
     @contextmanager
     def phase(self, handler: Handler):
@@ -208,6 +217,8 @@ class Engine:
         self.weights = weights
         self._lean: dict[str, LeanBackend] = {}
         self._calibration = None
+        self._token_profile: Optional[TokenProfile] = None
+        self._attention: Optional[list] = None
         self._column_norms: Optional[list[torch.Tensor]] = None
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -365,12 +376,67 @@ class Engine:
             return None
         if sparsity.auto:
             raise ValueError('keep="auto" is chosen while generating; give a number here')
+        if sparsity.token:
+            if getattr(self.ffns[0].weights, "offloaded", False):
+                raise ValueError(
+                    "memory-limited mode keeps only each prompt's core rows in fast memory; token-level sparsity "
+                    "reads different rows every token: use mode='sentence' with a numeric keep"
+                )
+            if selector is not None:
+                raise ValueError("token-level sparsity selects by calibrated thresholds; it takes no selector")
+            return self.token_session(self.token_thresholds(sparsity.keep, sparsity.targets), mask.shape[0], sparsity)
         if sparsity.rule == "adaptive" and selector is None:
             selector = self.adaptive_selector(sparsity.keep)
             sparsity = replace(sparsity, layers=selector.sparse_layers())
         if sparsity.rule == "wina" and selector is None:
             selector = WinaSelector(self.down_column_norms(), sparsity.keep)
         return SparseSession(sparsity, self.ffns, mask, selector)
+
+    # Token-level sparsity
+
+    def attention_modules(self) -> list[dict[str, list[torch.nn.Module]]]:
+        """Per layer, the attention projections by the input they read (``adapters.attention_inputs``)."""
+        if self._attention is None:
+            self._attention = attention_inputs(self.model)
+        return self._attention
+
+    def head_size(self) -> int:
+        return self.model.get_output_embeddings().weight.numel()
+
+    def weight_share(self, ffn_density: float) -> float:
+        """Share of all decode-time weights read per token when the FFNs read ``ffn_density`` of theirs."""
+        attention = sum(m.weight.numel() for layer in self.attention_modules() for ms in layer.values() for m in ms)
+        ffn = sum(f.weights.num_weights() for f in self.ffns)
+        head = self.head_size()
+        return (attention + ffn * ffn_density + head) / (attention + ffn + head)
+
+    def token_session(
+        self, thresholds: TokenThresholds, batch_size: int, config: Optional[SparsityConfig] = None
+    ) -> TokenSession:
+        return TokenSession(config, thresholds, self.ffns, self.attention_modules(), batch_size, self.head_size())
+
+    def token_thresholds(self, keep: float, targets: str = "all") -> TokenThresholds:
+        """Thresholds reading about ``keep`` of the ``targets`` weights per token (calibrating on first use)."""
+        if keep >= 1.0:
+            return TokenThresholds(torch.zeros(self.num_layers, 4), 1.0, targets)
+        return self.token_profile().allocate(keep, targets)
+
+    def token_profile(self, prompts=None, continuations=None, progress: bool = True, refresh: bool = False) -> TokenProfile:
+        """This model's token-level calibration: from the cache or the package, else measured once and stored."""
+        if self._token_profile is None or refresh:
+            fingerprint = adaptive.model_fingerprint(self)
+            directory = cache_root() / "calibration" / fingerprint
+            stored = () if refresh else (directory, adaptive.shipped_calibration_dir(fingerprint))
+            for candidate in stored:
+                try:
+                    self._token_profile = TokenProfile.load(candidate, expect_model=fingerprint)
+                    break
+                except (OSError, ValueError, KeyError):
+                    continue
+            else:
+                self._token_profile = calibrate_tokens(self, prompts, continuations, progress=progress)
+                self._token_profile.save(directory)
+        return self._token_profile
 
     def down_column_norms(self) -> list[torch.Tensor]:
         """Each layer's ``‖W_down[:, n]‖`` per neuron, computed once (WINA's weighting)."""
@@ -453,7 +519,7 @@ class Engine:
     def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1):
         """Dense forward over the prompt; a session records and selects its core neurons."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if session is None:
+        if session is None or session.mode == "token":  # token-level sparsity reads the prompt densely
             return self._forward(ids, mask, positions, None, logits_to_keep)
         with session.phase(session.record):
             logits, cache = self._forward(ids, mask, positions, None, logits_to_keep)
@@ -549,6 +615,8 @@ class Engine:
         if len(cont) <= warm:  # the whole continuation falls in the dense warm-up
             logits, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
             return logits[0], None, 1.0
+        if sparsity.token:
+            return self._auto_token_continuation_logits(prompt, cont, sparsity)
         with self.lock:
             ids, mask = self.left_pad([prompt])
             first, cache = self.prefill(ids, mask, None)
@@ -560,6 +628,31 @@ class Engine:
             logits = torch.cat([first[0, -1:].float(), choice.dense_warm[0].float(), choice.logits.float(), sparse])
             return logits, choice.session, choice.keep
 
+    @torch.inference_mode()
+    def _auto_token_continuation_logits(self, prompt, cont: list[int], sparsity: SparsityConfig):
+        """Token-level ``keep="auto"`` teacher-forced: dense logits up to the warm-up's end, the
+        level checked on the warm-up (``choose_token_keep``), sparse logits from there on."""
+        warm = sparsity.warmup
+        with self.lock:
+            dense, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
+            dense = dense[0]
+            ids, mask = self.left_pad([prompt])
+            _, cache = self.prefill(ids, mask, None)
+            dense_top = [dense[:warm].argmax(-1).tolist()]
+            choice = choose_token_keep(self, [cont[:warm]], dense_top, sparsity, cache, mask)
+            if choice.session is None:
+                return dense, None, 1.0
+            # The cache after the prompt and the warm-up tokens fed densely (all but the last).
+            reference = ReferenceBackend(self, masked=True)
+            state = reference.start(None, cache, mask, 0)
+            self.score_continuation(state, reference, torch.tensor([cont[: warm - 1]], device=self.device))
+            state.mask = torch.cat([mask, mask.new_ones(1, warm - 1)], dim=1)
+            state.positions = state.positions + warm - 1
+            state.session = choice.session
+            rest = torch.tensor([cont[warm - 1 : -1]], device=self.device)
+            sparse = self.score_continuation(state, reference, rest)[0].float()
+            return torch.cat([dense[:warm], sparse]), choice.session, choice.keep
+
     def score_continuation(self, state, backend: ReferenceBackend, cont: torch.Tensor) -> torch.Tensor:
         """All continuation tokens in one forward pass of the HF modules: logits ``[B, W, V]``."""
         # Right padding after the continuation cannot affect earlier positions.
@@ -569,7 +662,7 @@ class Engine:
         if session is None:
             logits, _ = self._forward(cont, full_mask, positions, state.cache, logits_to_keep=0)
         else:
-            with session.phase(session.masked if backend.masked else session.compact):
+            with session.decode_phase(backend.masked):
                 logits, _ = self._forward(cont, full_mask, positions, state.cache, logits_to_keep=0)
         return logits
 

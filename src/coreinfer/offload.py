@@ -200,6 +200,9 @@ class OffloadedFFNWeights(FFNWeights):
     what the base class returns, computed chunk by chunk.
     """
 
+    offloaded = True  # token-level sparsity needs every weight resident; the engine refuses it here
+
+
     placement: Optional[Placement] = None
 
     @classmethod

@@ -43,7 +43,10 @@ WINA = "wina"
 COVERAGE = "coverage"
 GLASS = "glass"
 CANDIDATES = (COVERAGE, GLASS)
-ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE, WINA, *CANDIDATES)
+# Token-level sparsity (token_sparsity): keep is the share of the FFN's weights read per token
+# ("token"), or of the FFN's and the attention's ("token_all").
+TOKEN_RULES = {"token": "ffn", "token_all": "all"}
+ALL_RULES = (DENSE, *RULES, STATIC, ADAPTIVE, WINA, *CANDIDATES, *TOKEN_RULES)
 # Rules needing a calibration prior over items never evaluated.
 PRIOR_RULES = (STATIC, GLASS)
 GLASS_PRIOR_WEIGHT = 0.5
@@ -227,12 +230,26 @@ def score(
     backend=...)`` for one item; the prompt's prefill is not repeated. ``backend=None`` is the
     reference backend in the model's own precision.
     """
+    logits, density, _ = score_shares(engine, pre, sparsity, selector, backend)
+    return logits, density
+
+
+@torch.inference_mode()
+def score_shares(
+    engine: Engine,
+    pre: Prefilled,
+    sparsity: Optional[SparsityConfig],
+    selector: Optional[Selector] = None,
+    backend: Optional[DecodeBackend] = None,
+) -> tuple[torch.Tensor, float, float]:
+    """``score`` and the share of all decode-time weights read per token (attention and LM head included)."""
     session = None
-    if sparsity is not None:
+    if sparsity is not None and sparsity.token:
+        session = engine.new_session(sparsity, pre.mask)  # thresholds apply per token: nothing to select
+    elif sparsity is not None:
         session = SparseSession(sparsity, engine.ffns, pre.mask, selector)
         neurons = {layer: session.selector(layer, pre.acts[layer]).unsqueeze(0) for layer in session.layers}
         session.neurons = finalize_selection(session.selector, neurons)
-    density = session.ffn_density() if session is not None else 1.0
     cont = torch.tensor([pre.item.continuation], device=engine.device)
     if backend is not None and not isinstance(backend, ReferenceBackend):
         # Another backend steps through the continuation as decoding would (its cache is its own copy).
@@ -246,7 +263,11 @@ def score(
         state = masked.start(session, copy.deepcopy(pre.cache), pre.mask, 0)
         logits = engine.score_continuation(state, masked, cont)[:, :-1]
     logits = torch.cat([pre.first_logits.float(), logits.float()], dim=1)[0]
-    return logits, density
+    if session is None:
+        return logits, 1.0, 1.0
+    if session.mode == "token":  # token-level sessions count the weights their tokens read while scoring
+        return logits, session.ffn_density(), session.weight_share()
+    return logits, session.ffn_density(), engine.weight_share(session.ffn_density())
 
 
 def score_auto(engine: Engine, item: Item, sparsity: SparsityConfig, backend: DecodeBackend) -> tuple[torch.Tensor, float, float]:
@@ -254,7 +275,12 @@ def score_auto(engine: Engine, item: Item, sparsity: SparsityConfig, backend: De
     logits, session, keep = engine.auto_continuation_logits(
         item.prompt, item.continuation, sparsity, backend.name, backend.weights if backend.name == "lean" else None
     )
-    return logits, session.ffn_density() if session is not None else 1.0, keep
+    if session is None:
+        return logits, 1.0, keep
+    if session.mode == "token":  # the warm-up's positions were read densely
+        warm, total = sparsity.warmup, len(item.continuation)
+        return logits, (warm + (total - warm) * session.ffn_density()) / total, keep
+    return logits, session.ffn_density(), keep
 
 
 # Metrics
@@ -271,8 +297,12 @@ class TokenStats:
     kl: float = 0.0
     density: float = 0.0  # summed per item
     items: int = 0
+    share: float = 0.0  # weight share, summed per item
 
-    def add(self, dense_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, density: float) -> None:
+    def add(
+        self, dense_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, density: float,
+        share: Optional[float] = None,
+    ) -> None:
         dense_logp = torch.log_softmax(dense_logits.double(), -1)
         logp = torch.log_softmax(logits.double(), -1)
         self.tokens += len(targets)
@@ -281,11 +311,13 @@ class TokenStats:
         self.agree += int((logits.argmax(-1) == dense_logits.argmax(-1)).sum())
         self.kl += float((dense_logp.exp() * (dense_logp - logp)).sum())
         self.density += density
+        self.share += density if share is None else share
         self.items += 1
 
     def summary(self) -> dict:
         return {
             "ffn_density": self.density / self.items,
+            "weight_share": self.share / self.items,
             "ppl": math.exp(self.nll / self.tokens),
             "dense_ppl": math.exp(self.dense_nll / self.tokens),
             "agreement": self.agree / self.tokens,
@@ -316,6 +348,8 @@ class Config:
         """The sparsity settings and selector this config evaluates with."""
         if self.rule == DENSE:
             return None, None
+        if self.rule in TOKEN_RULES:
+            return SparsityConfig(keep=self.keep, mode="token", targets=TOKEN_RULES[self.rule]), None
         if self.rule == ADAPTIVE:  # keep is the density target; the calibration picks the layers
             selector = engine.adaptive_selector(self.keep)
             return SparsityConfig(keep=self.keep, rule=ADAPTIVE, layers=selector.sparse_layers()), selector
@@ -405,17 +439,18 @@ def evaluate(
         dense_logits, _ = score(engine, pre, None)
         for config in configs:
             if config.rule == DENSE and isinstance(chosen, ReferenceBackend):
-                logits, density = dense_logits, 1.0
+                logits, density, share = dense_logits, 1.0, 1.0
             elif config.rule == DEFAULT:
                 logits, density, keep = score_auto(engine, item, default_sparsity(config), chosen)
+                share = engine.weight_share(density)  # the default thins the FFN inputs only
                 keeps[config].append(keep)
                 warm = default_sparsity(config).warmup
                 if len(targets) > warm:
                     after_warmup[config].add(dense_logits[warm:], logits[warm:], targets[warm:], density)
             else:
                 sparsity, selector = config.plan(engine, layers, static_scores, pre.rankings)
-                logits, density = score(engine, pre, sparsity, selector, chosen)
-            stats[config].add(dense_logits, logits, targets, density)
+                logits, density, share = score_shares(engine, pre, sparsity, selector, chosen)
+            stats[config].add(dense_logits, logits, targets, density, share)
             bar.update()
         del pre
     bar.close()

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DEFAULT_SPARSITY
+from .config import mode_for
 from .engine import Engine, GenerationResult, SamplingConfig, SparsityConfig, TokenEvent
 
 SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired in yet
@@ -45,13 +46,17 @@ class ServerSettings:
     alpha: float = 0.2
     rule: str = DEFAULT_SPARSITY.rule
     quality: float = DEFAULT_SPARSITY.quality
+    mode: Optional[str] = None  # None: token for keep "auto", sentence for a number (config.mode_for)
+    targets: str = DEFAULT_SPARSITY.targets
     max_tokens: int = 256  # default completion length
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 4096
     max_choices: int = 16  # largest batch a request may ask for: its prompts times n
 
     def __post_init__(self) -> None:
-        SparsityConfig(self.keep, self.alpha, self.rule, quality=self.quality)  # raises on bad defaults
+        # raises on bad defaults
+        SparsityConfig(self.keep, self.alpha, self.rule, quality=self.quality,
+                       mode=mode_for(self.mode, self.keep), targets=self.targets)
         if not 1 <= self.max_tokens <= self.max_tokens_limit:
             raise ValueError(f"max_tokens must lie in [1, {self.max_tokens_limit}], got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
@@ -106,6 +111,8 @@ class _Request(BaseModel):
     quality: Optional[float] = Field(None, gt=0.0, le=1.0)
     alpha: Optional[float] = Field(None, gt=0.0, le=1.0)
     rule: Optional[str] = None
+    mode: Optional[str] = None  # "sentence" or "token"
+    targets: Optional[str] = None  # token mode: "ffn" or "all"
     method: str = "stability"
     dense: bool = False
 
@@ -233,16 +240,20 @@ def sparsity_for(request: _Request, settings: ServerSettings) -> Optional[Sparsi
         raise APIError(400, message, "method")
     if request.dense:
         return None
+    keep = request.keep if request.keep is not None else settings.keep
     try:
         return SparsityConfig(
-            keep=request.keep if request.keep is not None else settings.keep,
+            keep=keep,
             alpha=request.alpha if request.alpha is not None else settings.alpha,
             rule=request.rule if request.rule is not None else settings.rule,
             quality=request.quality if request.quality is not None else settings.quality,
+            mode=mode_for(request.mode if request.mode is not None else settings.mode, keep),
+            targets=request.targets if request.targets is not None else settings.targets,
         )
     except (ValueError, TypeError) as err:  # SparsityConfig's messages start with the field's name
         message = str(err)
-        param = next((name for name in ("keep", "alpha", "quality") if message.startswith(name)), "rule")
+        fields = ("keep", "alpha", "quality", "mode", "targets")
+        param = next((name for name in fields if message.startswith(name)), "rule")
         raise APIError(400, message, param) from None
 
 
@@ -347,7 +358,10 @@ def measurements(result: GenerationResult, sparsity: Optional[SparsityConfig]) -
         "alpha": sparsity.alpha if sparsity else None,
         "rule": sparsity.rule if sparsity else None,
         "method": "stability" if sparsity else None,
+        "mode": result.mode,
+        "targets": sparsity.targets if sparsity and sparsity.token else None,
         "ffn_density": round(result.ffn_density, 5),
+        "weight_share": round(result.weight_share, 5),
         "decode_tok_s": round(result.decode_tok_s, 3),
         "prefill_s": round(result.prefill_s, 5),
         "select_s": round(result.select_s, 5),

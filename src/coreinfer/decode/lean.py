@@ -26,7 +26,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .weights import Weight, activation_dtype, alignment, cat_rows, linear, nbytes, padded, quantize, rows_padded, take_cols
+from .weights import (
+    Int8Weight, Weight, activation_dtype, alignment, cat_rows, gathered_linear, linear, nbytes, padded, quantize,
+    rows_padded, take_cols,
+)
+
+_GROUP_INDEX = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3}  # token_sparsity.GROUPS order
+# The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
+TOKEN_WEIGHTS = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Gemma 3 differs in a few declared places: RMSNorm scales by (1 + w), norms after attention and
@@ -59,6 +66,15 @@ class CompactLayer:
     w2: list[Weight]
 
 
+@dataclass
+class TokenLayer:
+    """One layer's token-level decode: a threshold per input and, where it is above 0, the
+    matrices reading that input transposed (``[in, out]``), so a kept input is one contiguous row."""
+
+    thresholds: dict[str, float]
+    transposed: dict[str, torch.Tensor]
+
+
 class LeanModel:
     """Contiguous decode-time weights of a Llama-family HF model."""
 
@@ -89,6 +105,7 @@ class LeanModel:
         self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
         self.rotary = hf_model.model.rotary_emb
         self.device = self.norm.device
+        self._transposed: dict[tuple[int, str], torch.Tensor] = {}
 
     def _norm(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight.detach().float()
@@ -147,6 +164,29 @@ class LeanModel:
                 w2.append(take_cols(layer.w2, k, width))
             compacts[index] = CompactLayer(w13, w2)
         return compacts
+
+    def token_layers(self, thresholds) -> list[TokenLayer]:
+        """Each layer's thresholds (a ``TokenThresholds``) with the transposed weights they need.
+
+        A transposed copy is made once per matrix, on the first request that sparsifies its input,
+        and kept: dense requests go on reading the row layout.
+        """
+        layers = []
+        for index, layer in enumerate(self.layers):
+            values = thresholds.layer(index)
+            transposed = {}
+            for group, threshold in values.items():
+                if threshold <= 0:
+                    continue
+                weight = getattr(layer, TOKEN_WEIGHTS[group])
+                if isinstance(weight, Int8Weight):
+                    raise ValueError("token-level sparsity on the lean backend needs fp32 or bf16 weights, not int8")
+                key = (index, group)
+                if key not in self._transposed:
+                    self._transposed[key] = weight.t().contiguous()
+                transposed[group] = self._transposed[key]
+            layers.append(TokenLayer(values, transposed))
+        return layers
 
     def rope_tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos and signed sin ``[length, hd]`` per rope kind, from the HF model's own rotary module (any scaling)."""
@@ -208,6 +248,8 @@ class _Step:
     slot: int
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # kind -> cos, sin [B, 1, 1, hd]
     mask: Optional[torch.Tensor]  # [B, 1, 1, slot + 1] bool, or None when nothing is padding
+    token: Optional[list[TokenLayer]] = None  # token-level sparsity: each layer's thresholds and weights
+    session: Optional[object] = None  # the TokenSession counting the weights read
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -217,10 +259,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+def _project(x: torch.Tensor, w: Weight, group: str, index: int, step: "_Step") -> torch.Tensor:
+    """``x @ w.T``; under token-level sparsity, only the rows of the kept inputs are read (and counted)."""
+    token = step.token[index] if step.token is not None else None
+    if token is None or group not in token.transposed:
+        if token is not None:
+            step.session.count(index, _GROUP_INDEX[group], [x.shape[-1]] * x.shape[0])
+        return linear(x, w)
+    out, kept = gathered_linear(x, token.transposed[group], token.thresholds[group])
+    step.session.count(index, _GROUP_INDEX[group], kept)
+    return out
+
+
 def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCache, index: int, step: _Step):
     batch = x.shape[0]
     h, kv, hd = model.n_heads, model.n_kv_heads, model.head_dim
-    qkv = linear(x, layer.wqkv)
+    qkv = _project(x, layer.wqkv, "qkv", index, step)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
     qkv = qkv.view(batch, 1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, 1, hd]
@@ -239,7 +293,7 @@ def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCac
     values = cache.values[index][:, :, first : step.slot + 1]
     mask = None if step.mask is None else step.mask[..., first:]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv != h, scale=model.scale)
-    out = linear(out.transpose(1, 2).reshape(batch, h * hd), layer.wo)
+    out = _project(out.transpose(1, 2).reshape(batch, h * hd), layer.wo, "o", index, step)
     return out if layer.attn_out_norm is None else F.rms_norm(out, (out.shape[-1],), layer.attn_out_norm, model.eps)
 
 
@@ -248,8 +302,17 @@ def _gated(model: LeanModel, x: torch.Tensor, w13: Weight, w2: Weight) -> torch.
     return linear(model.act(gate).mul_(up), w2)
 
 
-def _ffn(model: LeanModel, layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor) -> torch.Tensor:
-    if compact is None:
+def _token_gated(model: LeanModel, layer: LeanLayer, x: torch.Tensor, index: int, step: "_Step") -> torch.Tensor:
+    gate, up = _project(x, layer.w13, "gate_up", index, step).chunk(2, dim=-1)
+    return _project(model.act(gate).mul_(up), layer.w2, "down", index, step)
+
+
+def _ffn(
+    model: LeanModel, layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor, index: int, step: "_Step"
+) -> torch.Tensor:
+    if step.token is not None:
+        out = _token_gated(model, layer, x, index, step)
+    elif compact is None:
         out = _gated(model, x, layer.w13, layer.w2)
     elif x.shape[0] == 1:
         out = _gated(model, x, compact.w13[0], compact.w2[0])
@@ -270,7 +333,7 @@ def decode_step(
         attn_in = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, model.eps)
         x.add_(_attention(model, layer, attn_in, cache, index, step))
         ffn_in = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm, model.eps)
-        x.add_(_ffn(model, layer, compacts.get(index), ffn_in))
+        x.add_(_ffn(model, layer, compacts.get(index), ffn_in, index, step))
     x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
     logits = linear(x, model.lm_head)
     if model.softcap:
@@ -288,6 +351,8 @@ class LeanState:
     positions: torch.Tensor  # [B]: rope position of the last token fed
     slot: int  # the next cache slot to write
     padded: bool  # whether any prompt is left-padded (then attention needs a mask)
+    token: Optional[list[TokenLayer]] = None  # token-level sparsity's per-layer decode
+    session: Optional[object] = None
 
 
 class LeanBackend:
@@ -311,10 +376,18 @@ class LeanBackend:
                 "use backend='reference'"
             )
         model = self.model
-        compacts = model.gather({layer: session.neurons[layer] for layer in session.layers}) if session else {}
+        token = session is not None and session.mode == "token"
+        sentence = session is not None and not token
+        compacts = model.gather({layer: session.neurons[layer] for layer in session.layers}) if sentence else {}
         cache = KVCache.allocate(model, mask.shape[0], length)
         cache.fill(hf_cache, mask)
-        return LeanState(cache, compacts, model.rope_tables(length), mask.sum(-1) - 1, mask.shape[1], not bool(mask.all()))
+        state = LeanState(cache, compacts, model.rope_tables(length), mask.sum(-1) - 1, mask.shape[1], not bool(mask.all()))
+        if token:
+            state.token, state.session = model.token_layers(session.thresholds), session
+        return state
+
+    def sparsify(self, state: LeanState, session) -> None:
+        state.token, state.session = self.model.token_layers(session.thresholds), session
 
     def step(self, state: LeanState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (``[B]``); logits ``[B, V]`` for the next."""
@@ -326,6 +399,10 @@ class LeanBackend:
             slot=slot,
             rope={kind: (cos[rows][:, None, None], sin[rows][:, None, None]) for kind, (cos, sin) in state.rope.items()},
             mask=state.cache.valid[:, None, None, : slot + 1] if state.padded else None,
+            token=state.token,
+            session=state.session,
         )
+        if state.session is not None:
+            state.session.count_tokens(tokens.shape[0])
         state.slot += 1
         return decode_step(self.model, tokens, state.cache, state.compacts, step)

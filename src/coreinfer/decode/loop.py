@@ -17,7 +17,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from ..config import SamplingConfig
-from .auto import choose_keep
+from .auto import choose_keep, choose_token_keep
 
 
 class DecodeBackend(Protocol):
@@ -28,6 +28,9 @@ class DecodeBackend(Protocol):
     def start(self, session, hf_cache, mask: torch.Tensor, length: int): ...
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def sparsify(self, state, session) -> None:
+        """Go on decoding ``state`` under a token-level ``session`` (its cache stays as it is)."""
 
 
 @dataclass
@@ -45,6 +48,8 @@ class GenerationResult:
     backend: str = "reference"
     weights: str = "model"
     dense_tokens: int = 0  # keep="auto": the answer's first tokens, decoded densely before the choice
+    mode: str = "dense"  # what decoded the answer (after any warm-up): dense, sentence or token
+    weight_share: float = 1.0  # share of all decode-time weights (attention, FFN, LM head) read per token
 
     @property
     def decode_tok_s(self) -> float:
@@ -64,6 +69,8 @@ class GenerationResult:
             "decode_tok_s": round(self.decode_tok_s, 3),
             "keep": self.keep,
             "ffn_density": round(self.ffn_density, 5),
+            "weight_share": round(self.weight_share, 5),
+            "mode": self.mode,
             "backend": self.backend,
             "weights": self.weights,
             "dense_tokens": self.dense_tokens,
@@ -199,7 +206,12 @@ def generate(
     # keep="auto" decides once, after the warm-up; until then (or if the answer ends first) it is dense.
     keep = 1.0 if auto else sparsity.keep if sparsity is not None else None
     warming = auto
+    dense_top: list[list[int]] = [[] for _ in seqs]  # token mode's warm-up: the dense model's top tokens
+    dense_steps = 0  # decode steps before a token-level session took over (they read every weight)
     while True:
+        if warming and sparsity.token:
+            for row, top in zip(dense_top, logits.argmax(-1).tolist()):
+                row.append(top)
         tokens = pick_tokens(logits, sampling, seqs)
         if tracker.advance(tokens):
             break
@@ -207,21 +219,30 @@ def generate(
             # Warm-up done: measure the density this answer allows, then decode the rest with it.
             warming = False
             chosen = time.perf_counter()
-            choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask,
-                                 live=[not s.finish_reason for s in seqs])
-            session, keep, logits = choice.session, choice.keep, choice.logits
-            remaining = sampling.max_new_tokens - sparsity.warmup + 1
-            state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
+            live = [not s.finish_reason for s in seqs]
+            if sparsity.token:
+                choice = choose_token_keep(engine, [s.ids for s in seqs], dense_top, sparsity, prompt_cache, mask, live)
+                session, keep = choice.session, choice.keep
+                if session is not None:
+                    backend.sparsify(state, session)
+            else:
+                choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask, live=live)
+                session, keep, logits = choice.session, choice.keep, choice.logits
+                remaining = sampling.max_new_tokens - sparsity.warmup + 1
+                state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
             select_s += time.perf_counter() - chosen
             start += time.perf_counter() - chosen  # decode time excludes the choice
-            continue
+            if not sparsity.token:
+                continue
+        if session is None or session.mode != "token":
+            dense_steps += 1
         feed = [pad if s.finish_reason else t for s, t in zip(seqs, tokens)]
         logits = backend.step(state, torch.tensor(feed, device=device))
     sync(device)
     decode_s = time.perf_counter() - start
     tracker.finish()
 
-    density = session.ffn_density() if session is not None else 1.0
+    mode = "dense" if session is None else session.mode
     return [
         GenerationResult(
             text=s.text,
@@ -232,14 +253,34 @@ def generate(
             prefill_s=prefill_s,
             select_s=select_s,
             decode_s=decode_s,
-            ffn_density=density,
+            ffn_density=_share(session, row, dense_steps, "ffn_density"),
+            weight_share=_share(session, row, dense_steps, "weight_share", engine),
             keep=keep,
             backend=backend.name,
             weights=backend.weights,
             dense_tokens=min(sparsity.warmup, len(s.ids)) if auto else 0,
+            mode=mode,
         )
-        for s in seqs
+        for row, s in enumerate(seqs)
     ]
+
+
+def _share(session, row: int, dense_steps: int, measure: str, engine=None) -> float:
+    """One sequence's share of weights read per decode step (``ffn_density`` or ``weight_share``).
+
+    A token-level session counts what its own steps read; steps decoded densely before it took
+    over (keep="auto"'s warm-up) read everything. A sentence-level session reads a fixed share.
+    """
+    if session is None:
+        return 1.0
+    if session.mode != "token":
+        density = session.ffn_density()
+        return density if measure == "ffn_density" else engine.weight_share(density)
+    sparse_steps = session.tokens[row]
+    if sparse_steps + dense_steps == 0:
+        return 1.0
+    share = getattr(session, measure)(row)
+    return (dense_steps + sparse_steps * share) / (dense_steps + sparse_steps)
 
 
 def forced_logits(backend: DecodeBackend, state, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ class ReferenceBackend:
             session.build_compacts()
         return ReferenceState(hf_cache, mask, mask.sum(-1, keepdim=True) - 1, session)
 
+    def sparsify(self, state: ReferenceState, session) -> None:
+        state.session = session
+
     def step(self, state: ReferenceState, tokens: torch.Tensor) -> torch.Tensor:
         state.positions = state.positions + 1
         state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
@@ -47,6 +50,6 @@ class ReferenceBackend:
         if session is None:
             logits, state.cache = self.engine._forward(step_input, state.mask, state.positions, state.cache)
         else:
-            with session.phase(session.masked if self.masked else session.compact):
+            with session.decode_phase(self.masked):
                 logits, state.cache = self.engine._forward(step_input, state.mask, state.positions, state.cache)
         return logits[:, -1, :]

@@ -155,6 +155,29 @@ def take_cols(w: Weight, index: torch.Tensor, width: int) -> Weight:
     return _pad_columns(w[:, index], width)
 
 
+def gathered_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float) -> tuple[torch.Tensor, list[int]]:
+    """``sparsify(x, threshold) @ w_t`` reading only the rows of ``w_t`` ``[in, out]`` whose input survives.
+
+    ``x`` is ``[B, in]``; each sequence keeps its own entries (one bag each). Returns the product
+    ``[B, out]`` and the number of inputs kept per sequence. ``embedding_bag`` sums the selected
+    rows weighted by their inputs in one fused kernel, so the dropped rows are never read.
+    """
+    mask = x.abs() > threshold
+    if x.shape[0] == 1:
+        index = mask[0].nonzero().squeeze(1)
+        kept = [index.numel()]
+        offsets = torch.zeros(1, dtype=torch.long, device=x.device)
+        values = x[0, index]
+    else:
+        index = mask.nonzero()[:, 1]
+        counts = mask.sum(1)
+        kept = counts.tolist()
+        offsets = counts.cumsum(0) - counts
+        values = x[mask]
+    out = F.embedding_bag(index, w_t, offsets, mode="sum", per_sample_weights=values.to(w_t.dtype))
+    return out.to(x.dtype), kept
+
+
 def nbytes(w: Weight) -> int:
     return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
 
