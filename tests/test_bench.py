@@ -23,6 +23,7 @@ def report():
     engine._calibration = calibrate(engine, prompts((8, 6), seed=3), prompts((5, 5), seed=4), progress=False)
     settings = BenchSettings(
         prompt=" ".join(map(str, prompts((9,))[0])), max_new_tokens=4, repeats=2, keeps=(1.0, 0.4), weights="bf16",
+        token_keeps=(0.5,),
         memory=False, scaling_tokens=(3, 5), scaling_batches=(1, 2), scaling_repeats=1,
     )
     items = [Item(tuple(p), tuple(c)) for p, c in zip(prompts((7, 9), seed=5), prompts((6, 6), seed=6))]
@@ -32,6 +33,7 @@ def report():
 def test_rows_name_every_configuration(report):
     names = [r["config"] for r in report.rows]
     assert names == ["hf_dense", "reference_dense", "lean_dense_fp32", "lean_dense_bf16", "default_bf16",
+                     "token_k0.5_bf16", "token_all_k0.5_bf16",
                      "coreinfer_k1_bf16", "coreinfer_k0.4_bf16", "coreinfer_k0.4_fp32"]
     for row in report.rows:
         assert ROW_KEYS <= set(row)
@@ -48,6 +50,12 @@ def test_ratios_and_limits_are_consistent(report):
     by_name = {r["config"]: r for r in report.rows}
     assert by_name["lean_dense_bf16"]["weight_mb_per_token"] == pytest.approx(by_name["lean_dense_fp32"]["weight_mb_per_token"] / 2, rel=0.01)
     assert by_name["coreinfer_k0.4_bf16"]["ffn_density"] < 1.0
+    token, both = by_name["token_k0.5_bf16"], by_name["token_all_k0.5_bf16"]
+    assert token["mode"] == "token" and token["targets"] == "ffn" and token["ffn_density"] < 1.0
+    assert both["weight_share"] < token["weight_share"] < 1.0  # thinning the attention too reads less
+    assert both["weight_mb_per_token"] < by_name["lean_dense_bf16"]["weight_mb_per_token"]
+    for row in report.rows:
+        assert row["answer_s"] > 0
 
 
 def test_scaling_covers_tokens_and_batches(report):

@@ -89,6 +89,11 @@ def test_default_chooses_the_density_and_says_so(real_engine):
     result = runner.invoke(app, ["generate", "Why is the sky blue?", "--json", "--max-new-tokens", "24"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["rule"] == "griffin" and payload["dense_tokens"] == 16
-    assert 0 < payload["keep"] <= 1.0 and 0 < payload["ffn_density"] <= 1.0
-    assert (payload["keep"] == 1.0) == (payload["ffn_density"] == 1.0)
+    # Token-level sparsity of the FFN inputs at the default model's shipped calibrated level, where it
+    # decodes faster than dense on this machine; dense (and saying so) where it does not.
+    assert payload["dense_tokens"] == 0 and payload["mode"] in ("token", "dense")
+    if payload["mode"] == "token":
+        assert payload["targets"] == "ffn" and 0 < payload["keep"] < 1.0 and payload["ffn_density"] < 0.95
+        assert payload["ffn_density"] < payload["weight_share"] < 1.0
+    else:
+        assert payload["ffn_density"] == 1.0 and payload["weight_share"] == 1.0

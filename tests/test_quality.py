@@ -222,7 +222,9 @@ def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_pat
     rows = json.loads(out.read_text())["rows"]
     assert [r["rule"] for r in rows] == ["dense", "default"]
     default = rows[1]
-    assert 0 < default["ffn_density"] <= 1.0 and default["warmup"] == 16 and "agreement_after_warmup" in default
+    # The default is token-level: one calibrated level per model, no dense warm-up to report apart.
+    assert default["mode"] == "token" and 0 < default["keep"] < 1.0 and "warmup" not in default
+    assert 0 < default["ffn_density"] < 1.0 and default["ffn_density"] < default["weight_share"] < 1.0
 
 
 def test_fact_questions_parse_and_match(tmp_path):

@@ -53,9 +53,14 @@ class BenchConfig:
     weights: str = "fp32"
     rule: str = "coreinfer"
     backend: str = "lean"
+    mode: str = "sentence"
+    targets: str = "ffn"  # token mode: the inputs thinned
+    quality: float = DEFAULT_SPARSITY.quality
 
     def sparsity(self) -> Optional[SparsityConfig]:
-        return None if self.keep is None else SparsityConfig(keep=self.keep, rule=self.rule)
+        if self.keep is None:
+            return None
+        return SparsityConfig(keep=self.keep, rule=self.rule, mode=self.mode, targets=self.targets, quality=self.quality)
 
     def in_fp32(self) -> "BenchConfig":
         """The same selection on the lean backend in fp32: what this row's quantisation is measured against."""
@@ -68,6 +73,7 @@ class BenchSettings:
     max_new_tokens: int = 128
     repeats: int = 5
     keeps: tuple[float, ...] = (1.0, 0.6, 0.4, 0.2)
+    token_keeps: tuple[float, ...] = (0.7, 0.6, 0.5)  # token-level rows (targets ffn), and one of all at the last
     weights: Optional[str] = None  # lean weights of the sparse rows; None: the engine's default for the device
     model: Optional[str] = None
     gguf: Optional[str] = None  # llama.cpp row; None: the default model's GGUF when llama_cpp imports
@@ -95,7 +101,13 @@ def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchC
     if weights != "fp32":
         configs.append(BenchConfig(f"lean_dense_{weights}", "engine", weights=weights))
     # What `coreinfer generate` runs with no options.
-    configs.append(BenchConfig(f"default_{weights}", "engine", DEFAULT_SPARSITY.keep, weights, DEFAULT_SPARSITY.rule))
+    default = DEFAULT_SPARSITY
+    configs.append(BenchConfig(f"default_{weights}", "engine", default.keep, weights, default.rule,
+                               mode=default.mode, targets=default.targets))
+    configs += [BenchConfig(f"token_k{k:g}_{weights}", "engine", k, weights, mode="token") for k in settings.token_keeps]
+    if settings.token_keeps:
+        k = settings.token_keeps[-1]
+        configs.append(BenchConfig(f"token_all_k{k:g}_{weights}", "engine", k, weights, mode="token", targets="all"))
     configs += [BenchConfig(f"coreinfer_k{k:g}_{weights}", "engine", keep=k, weights=weights) for k in settings.keeps]
     # Sparsity alone, without quantisation.
     if weights != "fp32":
@@ -123,6 +135,12 @@ class Timing:
     decode_s: float
     token_ids: list[int] = field(default_factory=list)  # the first sequence's greedy tokens
     ffn_density: float = 1.0  # as the run reported it (keep="auto" chooses it per run)
+    weight_share: float = 1.0  # share of all decode-time weights read per token
+    chosen_keep: Optional[float] = None  # the keep the run decoded with (keep="auto": its choice)
+
+    @property
+    def answer_s(self) -> float:
+        return self.prefill_s + self.decode_s
 
     @property
     def decode_tok_s(self) -> float:
@@ -187,7 +205,7 @@ class Runners:
         )
         r = results[0]
         return Timing(r.prompt_tokens, r.new_tokens, batch, r.prefill_s, r.select_s + r.decode_s, r.token_ids,
-                      r.ffn_density)
+                      r.ffn_density, r.weight_share, r.keep)
 
     def _run_llamacpp(self, config, prompt, new_tokens, batch) -> Timing:
         import numpy as np
@@ -263,12 +281,20 @@ def read_bandwidth(megabytes: int = 512, tries: int = 5) -> float:
     return data.numel() * 4 / best
 
 
-def bytes_per_token(runners: Runners, config: BenchConfig, ffn_density: float, gguf: Optional[str]) -> int:
-    """Weight bytes one decode step reads. llama.cpp: the GGUF's size (its weights, all read once)."""
+def bytes_per_token(
+    runners: Runners, config: BenchConfig, ffn_density: float, gguf: Optional[str], weight_share: float = 1.0
+) -> int:
+    """Weight bytes one decode step reads. llama.cpp: the GGUF's size (its weights, all read once).
+
+    Token-level rows read ``weight_share`` of every decode-time weight (attention included).
+    """
     if config.kind == "llamacpp":
         return Path(gguf).stat().st_size
     weights = config.weights if config.kind == "engine" and config.backend == "lean" else "fp32"
-    return runners.lean_model(weights).weight_bytes_per_token(ffn_density)
+    model = runners.lean_model(weights)
+    if config.mode == "token":
+        return round(model.weight_bytes_per_token(1.0) * weight_share)
+    return model.weight_bytes_per_token(ffn_density)
 
 
 # Peak memory, one fresh process per configuration
@@ -427,8 +453,9 @@ def run_bench(
 
     rows = []
     for config in configs:
-        density = timings[config.name][-1].ffn_density
-        weight_bytes = bytes_per_token(runners, config, density, gguf)
+        last = timings[config.name][-1]
+        density = last.ffn_density
+        weight_bytes = bytes_per_token(runners, config, density, gguf, last.weight_share)
         decode = _median(timings[config.name], "decode_tok_s")
         limit = bandwidth / weight_bytes
         rows.append({
@@ -436,11 +463,17 @@ def run_bench(
             "kind": config.kind,
             "backend": config.backend if config.kind == "engine" else config.kind,
             "keep": config.keep,
-            "dense_tokens": DEFAULT_SPARSITY.warmup if config.keep == "auto" else 0,
-            "rule": config.rule if config.keep is not None else None,
+            "chosen_keep": last.chosen_keep,
+            "mode": config.mode if config.keep is not None else "dense",
+            "targets": config.targets if config.mode == "token" else None,
+            "dense_tokens": DEFAULT_SPARSITY.warmup if config.keep == "auto" and config.mode == "sentence" else 0,
+            "rule": config.rule if config.keep is not None and config.mode == "sentence" else None,
             "weights": "q4_1" if config.kind == "llamacpp" else config.weights,
             "ffn_density": round(density, 4),
+            "weight_share": round(last.weight_share, 4),
             "decode_tok_s": round(decode, 2),
+            # the whole answer as a user waits for it: prefill, the choice, and decoding
+            "answer_s": round(_median(timings[config.name], "answer_s"), 3),
             "prefill_tok_s": round(_median(timings[config.name], "prefill_tok_s"), 1),
             "peak_rss_mb": peaks.get(config.name),
             "weight_mb_per_token": round(weight_bytes / 1e6, 2),
@@ -497,7 +530,11 @@ def goals(rows: list[dict]) -> dict:
     default = next((r for r in rows if r["config"].startswith("default_")), None)  # `coreinfer generate`
     dense = by_name.get("lean_dense_fp32")
     int8 = [r["fraction_of_bandwidth_limit"] for r in rows if r["weights"] == "int8"]
+    same = default and by_name.get(f"lean_dense_{default['weights']}")  # dense on the default's weights
     return {
+        "default_answer_speedup_vs_dense_same_weights (goal >= 1.2)": (
+            round(same["answer_s"] / default["answer_s"], 3) if same and default["answer_s"] else None
+        ),
         "default_config": default and default["config"],
         "default_ratio_vs_hf (goal >= 2.5)": default and default["ratio_vs_hf"],
         "default_ratio_vs_llamacpp (goal >= 1.0, stretch 1.3)": default and default["ratio_vs_llamacpp"],
@@ -512,16 +549,17 @@ def goals(rows: list[dict]) -> dict:
 
 
 def markdown_table(report: BenchReport) -> str:
-    head = ("| config | keep | weights | FFN density | decode tok/s | × HF | × llama.cpp | same tokens until | greedy agree "
-            "| forced agree | flag | prefill tok/s | peak RSS MB | MB/token | of limit |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| config | keep | weights | FFN density | weight share | decode tok/s | answer s | × HF | × llama.cpp "
+            "| same tokens until | greedy agree | forced agree | flag | prefill tok/s | peak RSS MB | MB/token | of limit |")
+    lines = [head, "|" + "---|" * 17]
     for r in report.rows:
         llama = "" if r["ratio_vs_llamacpp"] is None else f"{r['ratio_vs_llamacpp']:.2f}"
         forced = "" if r.get("forced_agreement") is None else f"{r['forced_agreement']:.2f}"
         flag = "**below prediction**" if r.get("flagged") else ""
         lines.append(
             f"| {r['config']} | {'' if r['keep'] is None else r['keep']} | {r['weights']} | {r['ffn_density']:.2f} "
-            f"| {r['decode_tok_s']:.1f} | {r['ratio_vs_hf']:.2f} | {llama} | {r['first_divergence']} "
+            f"| {r['weight_share']:.2f} | {r['decode_tok_s']:.1f} | {r['answer_s']:.2f} | {r['ratio_vs_hf']:.2f} "
+            f"| {llama} | {r['first_divergence']} "
             f"| {r['greedy_agreement']:.2f} | {forced} | {flag} "
             f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb'] or ''} | {r['weight_mb_per_token']:.0f} "
             f"| {r['fraction_of_bandwidth_limit']:.2f} |"
@@ -560,3 +598,63 @@ def speed_quality_plot(report: BenchReport, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Speed at the sizes where FFNs dominate: random weights at a real model's shapes
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, head_dim=64, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def shape_engine(shape: str, dtype: torch.dtype = torch.float32) -> Engine:
+    """A Llama with random weights at ``shape``'s sizes (speed says nothing about trained quality)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape], max_position_embeddings=4096), dtype=dtype)
+    return Engine(model.eval(), tokenizer=None, name=f"random-{shape}")
+
+
+def run_shape_bench(
+    shape: str, weights: str = "fp32", keeps: Sequence[float] = (0.5,), new_tokens: int = 32, repeats: int = 3,
+    progress=print,
+) -> dict:
+    """Dense against token-level decoding (FFN and attention inputs thinned) on a random model at ``shape``.
+
+    Thresholds come from the model's own activations on random prompts (``probes=False``); runs
+    alternate between configurations and each figure is a median. Returns one row per configuration.
+    """
+    engine = shape_engine(shape)
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (32,), generator=generator).tolist() for _ in range(4)]
+    continuations = [torch.randint(0, vocab, (16,), generator=generator).tolist() for _ in range(4)]
+    progress(f"{shape}: thresholds from the model's activations")
+    engine.token_profile(prompts, continuations, progress=False, probes=False)
+    configs = {"dense": None, **{f"token_all_k{k:g}": SparsityConfig(keep=k, mode="token", targets="all") for k in keeps}}
+    runs: dict[str, list] = {name: [] for name in configs}
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    for round_ in range(repeats + 1):  # the first round warms up and is discarded
+        for name, sparsity in configs.items():
+            result = engine.generate_ids(prompts[:1], sparsity, sampling, backend="lean", weights=weights, ignore_eos=True)[0]
+            if round_:
+                runs[name].append(result)
+        progress(f"{shape}: round {round_} of {repeats}")
+    dense = statistics.median(r.decode_tok_s for r in runs["dense"])
+    rows = []
+    for name, results in runs.items():
+        tok_s = statistics.median(r.decode_tok_s for r in results)
+        rows.append({
+            "config": name, "shape": shape, "weights": weights,
+            "ffn_density": round(results[-1].ffn_density, 4), "weight_share": round(results[-1].weight_share, 4),
+            "decode_tok_s": round(tok_s, 3), "speedup_vs_dense": round(tok_s / dense, 3),
+            "decode_tok_s_runs": [round(r.decode_tok_s, 3) for r in results],
+        })
+    return {"shape": shape, "weights": weights, "new_tokens": new_tokens, "repeats": repeats,
+            "threads": torch.get_num_threads(), "rows": rows}

@@ -17,7 +17,7 @@ REVISION_HELP = "Hub id only: the branch, tag or commit to load (default: main).
 GGUF_FILE_HELP = "Hub id (or directory) only: the GGUF file to load from it; dequantised once into the safetensors cache."
 DTYPE_HELP = ("dtype the model is loaded in (the reference backend, dense logits): auto (the checkpoint's on CUDA, "
               "float32 on the CPU), float32, bfloat16 or float16. The lean backend copies it into --weights.")
-DEFAULT_QUALITY = 0.9  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
+DEFAULT_QUALITY = 0.93  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
 KEEP_HELP = ("sentence mode: fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN "
              "density over all layers); token mode: share of the --targets weights read per token; or auto: "
              "chosen per request to meet --quality.")
@@ -545,6 +545,9 @@ def bench(
     max_new_tokens: int = typer.Option(128, min=2, help="New tokens per run, the same for every configuration."),
     repeats: int = typer.Option(5, min=1, help="Measured rounds (after one warm-up round); medians are reported."),
     keeps: str = typer.Option("1.0,0.6,0.4,0.2", help="CoreInfer keep fractions, comma-separated."),
+    token_keeps: str = typer.Option("0.7,0.6,0.5", help="Token-level keeps (share of FFN weights read), comma-separated; the last also with the attention thinned."),
+    shape: Optional[str] = typer.Option(None, help="Instead: speed only, dense vs token-level (FFN and attention) on random weights at a real shape: llama-3.2-1b or llama-3-8b."),
+    shape_keeps: str = typer.Option("0.5", help="--shape: token-level keeps, comma-separated."),
     weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16 or int8 (default: the engine's default for the device)."),
     quality_items: int = typer.Option(6, min=0, help="GSM8K answers scored teacher-forced for every row's agreement (0 skips)."),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
@@ -560,10 +563,22 @@ def bench(
 
     No --dtype: every row is measured against the float32 dense model (the HF row); the lean rows take --weights.
     """
-    from .bench import BenchSettings, llamacpp_available, markdown_table, run_bench, speed_quality_plot
+    from .bench import BenchSettings, llamacpp_available, markdown_table, run_bench, run_shape_bench, speed_quality_plot
     from .api import load
     from .loading import ModelNotFound, load_model_and_tokenizer, resolve_model
 
+    if shape is not None:
+        try:
+            report = run_shape_bench(shape, weights or "fp32", _floats(shape_keeps), min(max_new_tokens, 64), repeats,
+                                     progress=lambda m: typer.secho(m, err=True, fg=typer.colors.BRIGHT_BLACK))
+        except ValueError as err:
+            _fail(str(err))
+        for row in report["rows"]:
+            typer.echo(f"{row['config']}: {row['decode_tok_s']:.2f} tok/s, x{row['speedup_vs_dense']:.2f} dense, "
+                       f"ffn_density {row['ffn_density']:.3f}, weight_share {row['weight_share']:.3f}")
+        if json_path:
+            Path(json_path).write_text(json.dumps(report, indent=1))
+        return
     try:
         source = resolve_model(model, revision, gguf_file)
         engine = load(source, device="cpu")
@@ -572,6 +587,7 @@ def bench(
         _fail(str(err))
     settings = BenchSettings(
         prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats, keeps=_floats(keeps), weights=weights,
+        token_keeps=_floats(token_keeps),
         # the memory runs' fresh processes load the resolved local files, with no second Hub look-up
         model=None if model is None else str(source.path), gguf=gguf, llamacpp=llamacpp, memory=memory,
         quality_items=quality_items, data_dir=data_dir, scaling_tokens=_ints(scaling_tokens),

@@ -16,8 +16,9 @@ queue on it.
 
 from __future__ import annotations
 
-import threading
 import inspect
+import json
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
@@ -30,7 +31,7 @@ from .config import SELECTOR_RULES, SamplingConfig, SparsityConfig
 from .decode import loop
 from .decode.lean import SUPPORTED_TYPES as LEAN_TYPES
 from .decode.lean import LeanBackend, LeanModel
-from .decode.auto import choose_keep, choose_token_keep
+from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
 from .decode.weights import check_weights, default_weights
@@ -42,6 +43,8 @@ from .token_session import TokenSession
 from .token_sparsity import TokenProfile, TokenThresholds
 
 BACKENDS = ("auto", "lean", "reference")
+# Token-level keep="auto" decodes densely unless the sparse step is at least this much faster (Engine.token_pays).
+TOKEN_SPEEDUP = 1.1
 
 __all__ = [
     "BACKENDS",
@@ -421,8 +424,62 @@ class Engine:
             return TokenThresholds(torch.zeros(self.num_layers, 4), 1.0, targets)
         return self.token_profile().allocate(keep, targets)
 
-    def token_profile(self, prompts=None, continuations=None, progress: bool = True, refresh: bool = False) -> TokenProfile:
-        """This model's token-level calibration: from the cache or the package, else measured once and stored."""
+    def resolve(self, sparsity: Optional[SparsityConfig], backend: Optional[DecodeBackend] = None) -> Optional[SparsityConfig]:
+        """Token-level ``keep="auto"`` made concrete: the model's calibrated level for the request's
+        ``quality`` (``TokenProfile.levels``), or ``None`` (dense) where no level reaches it or where,
+        on ``backend``, that level decodes no faster than dense (``token_pays``).
+        Anything else is returned as it is."""
+        if sparsity is None or not (sparsity.auto and sparsity.token):
+            return sparsity
+        levels = self.token_profile().levels(sparsity.quality, sparsity.targets)
+        if not levels:
+            return None
+        chosen = replace(sparsity, keep=levels[0])
+        return chosen if backend is None or self.token_pays(backend, chosen) else None
+
+    def token_pays(self, backend: DecodeBackend, sparsity: SparsityConfig) -> bool:
+        """Whether token-level decoding at ``sparsity`` is at least ``TOKEN_SPEEDUP`` times as fast as dense
+        on ``backend``: measured once per machine, weights and level, and stored beside the calibration.
+
+        Reading fewer weights only pays where the gathered kernel reads them near the memory's speed; on
+        some CPUs ``embedding_bag`` does not, and a default slower than dense would be no default.
+        """
+        if backend.name != "lean":
+            return False  # the reference backend only masks its dense products: it never reads less
+        capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+        key = f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{backend.weights}:{sparsity.targets}:{sparsity.keep:g}"
+        path = cache_root() / "calibration" / adaptive.model_fingerprint(self) / "speed.json"
+        try:
+            verdicts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            verdicts = {}
+        if key not in verdicts:
+            verdicts[key] = self._measure_token_speedup(backend, sparsity)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(verdicts, indent=1) + "\n")
+        return verdicts[key] >= TOKEN_SPEEDUP
+
+    def _measure_token_speedup(self, backend: DecodeBackend, sparsity: SparsityConfig, rounds: int = 2) -> float:
+        """Dense decode time over token-level decode time, best of ``rounds`` alternated short runs."""
+        prompt = [list(range(1, 17))]
+        sampling = SamplingConfig(max_new_tokens=10)
+        best = {"dense": float("inf"), "token": float("inf")}
+        for _ in range(rounds + 1):  # the first round warms both paths up (and builds the transposed weights)
+            for name, config in (("dense", None), ("token", sparsity)):
+                result = loop.generate(self, backend, prompt, config, sampling, ignore_eos=True)[0]
+                best[name] = min(best[name], result.decode_s)
+        return round(best["dense"] / best["token"], 3)
+
+    def token_profile(
+        self, prompts=None, continuations=None, progress: bool = True, refresh: bool = False, probes: bool = True
+    ) -> TokenProfile:
+        """This model's token-level calibration: from the cache or the package, else measured once and stored.
+
+        ``probes=False`` measures thresholds only and keeps them in this engine (speed runs on random weights).
+        """
+        if not probes:
+            self._token_profile = calibrate_tokens(self, prompts, continuations, progress=progress, probes=False)
+            return self._token_profile
         if self._token_profile is None or refresh:
             fingerprint = adaptive.model_fingerprint(self)
             directory = cache_root() / "calibration" / fingerprint
@@ -551,6 +608,7 @@ class Engine:
         length = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
         with self.lock:
             chosen = self.backend(backend, weights, masked=reference, length=length)
+            sparsity = self.resolve(sparsity, chosen)
             return loop.generate(self, chosen, prompts, sparsity, sampling, on_token, selector, ignore_eos)
 
     @torch.inference_mode()
@@ -576,6 +634,7 @@ class Engine:
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
+        sparsity = self.resolve(sparsity)
         if sparsity is not None and sparsity.auto:
             if selector is not None:
                 raise ValueError('keep="auto" chooses the keep itself; it does not take a custom selector')
@@ -615,8 +674,6 @@ class Engine:
         if len(cont) <= warm:  # the whole continuation falls in the dense warm-up
             logits, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
             return logits[0], None, 1.0
-        if sparsity.token:
-            return self._auto_token_continuation_logits(prompt, cont, sparsity)
         with self.lock:
             ids, mask = self.left_pad([prompt])
             first, cache = self.prefill(ids, mask, None)
@@ -627,31 +684,6 @@ class Engine:
             sparse = forced_logits(chosen, state, rest[:, :-1]).float()[0]
             logits = torch.cat([first[0, -1:].float(), choice.dense_warm[0].float(), choice.logits.float(), sparse])
             return logits, choice.session, choice.keep
-
-    @torch.inference_mode()
-    def _auto_token_continuation_logits(self, prompt, cont: list[int], sparsity: SparsityConfig):
-        """Token-level ``keep="auto"`` teacher-forced: dense logits up to the warm-up's end, the
-        level checked on the warm-up (``choose_token_keep``), sparse logits from there on."""
-        warm = sparsity.warmup
-        with self.lock:
-            dense, _ = self.continuation_logits([prompt], [cont], None, backend="reference")
-            dense = dense[0]
-            ids, mask = self.left_pad([prompt])
-            _, cache = self.prefill(ids, mask, None)
-            dense_top = [dense[:warm].argmax(-1).tolist()]
-            choice = choose_token_keep(self, [cont[:warm]], dense_top, sparsity, cache, mask)
-            if choice.session is None:
-                return dense, None, 1.0
-            # The cache after the prompt and the warm-up tokens fed densely (all but the last).
-            reference = ReferenceBackend(self, masked=True)
-            state = reference.start(None, cache, mask, 0)
-            self.score_continuation(state, reference, torch.tensor([cont[: warm - 1]], device=self.device))
-            state.mask = torch.cat([mask, mask.new_ones(1, warm - 1)], dim=1)
-            state.positions = state.positions + warm - 1
-            state.session = choice.session
-            rest = torch.tensor([cont[warm - 1 : -1]], device=self.device)
-            sparse = self.score_continuation(state, reference, rest)[0].float()
-            return torch.cat([dense[:warm], sparse]), choice.session, choice.keep
 
     def score_continuation(self, state, backend: ReferenceBackend, cont: torch.Tensor) -> torch.Tensor:
         """All continuation tokens in one forward pass of the HF modules: logits ``[B, W, V]``."""

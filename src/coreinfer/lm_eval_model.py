@@ -21,14 +21,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .api import load
-from .config import DEFAULT_SPARSITY
+from .config import DEFAULT_SPARSITY, mode_for
 from .engine import Engine, SamplingConfig, SparsityConfig
 from .loading import parse_dtype
 
 
 @register_model("coreinfer")
 class CoreInferLM(TemplateLM):
-    """``lm_eval --model coreinfer --model_args [keep=auto|0.4,][quality=0.95,][rule=griffin,][pretrained=DIR,][dense=True]``.
+    """``lm_eval --model coreinfer --model_args [keep=auto|0.4,][mode=token|sentence,][targets=ffn|all,][quality=0.9,][rule=griffin,][pretrained=DIR,][dense=True]``.
 
     The defaults are `coreinfer generate`'s (``config.DEFAULT_SPARSITY``).
 
@@ -45,6 +45,8 @@ class CoreInferLM(TemplateLM):
         alpha: float = 0.2,
         rule: str = DEFAULT_SPARSITY.rule,
         quality: float = DEFAULT_SPARSITY.quality,
+        mode: Optional[str] = None,
+        targets: str = DEFAULT_SPARSITY.targets,
         dense: bool = False,
         batch_size: int | str = 1,
         max_batch_size: Optional[int] = None,
@@ -71,7 +73,8 @@ class CoreInferLM(TemplateLM):
         self.tokenizer = self.engine.tokenizer
         keep = keep if keep == "auto" else float(keep)
         self.sparsity = None if dense else SparsityConfig(
-            keep=keep, alpha=float(alpha), rule=str(rule), quality=float(quality)
+            keep=keep, alpha=float(alpha), rule=str(rule), quality=float(quality),
+            mode=mode_for(mode, keep), targets=str(targets),
         )
         # "auto" would need memory probing; one fixed size is honest on CPU.
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)

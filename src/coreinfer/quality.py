@@ -275,12 +275,7 @@ def score_auto(engine: Engine, item: Item, sparsity: SparsityConfig, backend: De
     logits, session, keep = engine.auto_continuation_logits(
         item.prompt, item.continuation, sparsity, backend.name, backend.weights if backend.name == "lean" else None
     )
-    if session is None:
-        return logits, 1.0, keep
-    if session.mode == "token":  # the warm-up's positions were read densely
-        warm, total = sparsity.warmup, len(item.continuation)
-        return logits, (warm + (total - warm) * session.ffn_density()) / total, keep
-    return logits, session.ffn_density(), keep
+    return logits, session.ffn_density() if session is not None else 1.0, keep
 
 
 # Metrics
@@ -440,9 +435,14 @@ def evaluate(
         for config in configs:
             if config.rule == DENSE and isinstance(chosen, ReferenceBackend):
                 logits, density, share = dense_logits, 1.0, 1.0
+            elif config.rule == DEFAULT and default_sparsity(config).token:
+                # Token-level auto is one calibrated level per model and quality target.
+                sparsity = engine.resolve(default_sparsity(config))
+                logits, density, share = score_shares(engine, pre, sparsity, None, chosen)
+                keeps[config].append(sparsity.keep if sparsity is not None else 1.0)
             elif config.rule == DEFAULT:
                 logits, density, keep = score_auto(engine, item, default_sparsity(config), chosen)
-                share = engine.weight_share(density)  # the default thins the FFN inputs only
+                share = engine.weight_share(density)
                 keeps[config].append(keep)
                 warm = default_sparsity(config).warmup
                 if len(targets) > warm:
@@ -458,9 +458,10 @@ def evaluate(
     rows = [{"set": evalset.name, **asdict(config), **stats[config].summary(), **where} for config in configs]
     for row, config in zip(rows, configs):
         if config.rule == DEFAULT:
-            # keep: the mean keep chosen; the answer's first `warmup` tokens are dense by design,
-            # so the sparse part is also reported on its own.
-            row["keep"] = sum(keeps[config]) / len(keeps[config])
+            row["keep"] = sum(keeps[config]) / len(keeps[config])  # the mean keep chosen
+            row["mode"] = default_sparsity(config).mode
+        if config.rule == DEFAULT and not default_sparsity(config).token:
+            # the answer's first `warmup` tokens are dense by design, so the sparse part is also reported on its own
             row["warmup"] = default_sparsity(config).warmup
             if after_warmup[config].items:
                 rest = after_warmup[config].summary()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the engine calls in here; nothing here imports it at run ti
 
 PROBE_LEVEL = 0.5
 PROBE_TOKENS = 24  # answer tokens per prompt the KL probes score (each probe is a forward over them)
-AGREEMENT_KEEPS = (0.5, 0.6, 0.7, 0.8, 0.9)  # levels whose agreement with dense is measured for keep="auto"
+AGREEMENT_KEEPS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)  # levels whose agreement with dense is measured for keep="auto"
 ERROR_TOKENS = 512  # answer positions per input used for the error curves (a matmul per level)
 
 
@@ -83,6 +83,17 @@ class _InputRecorder:
                 handle.remove()
 
 
+def _id_prompts(engine: "Engine", count: int = 8, length: int = 12, answer: int = 24):
+    """Without a tokenizer (token-id engines): fixed pseudo-random prompts and the model's greedy answers."""
+    from .config import SamplingConfig
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    prompts = [torch.randint(1, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+    results = engine.generate_ids(prompts, None, SamplingConfig(max_new_tokens=answer), backend="reference", ignore_eos=True)
+    return prompts, [r.token_ids for r in results]
+
+
 def _kl(dense_logp: torch.Tensor, logits: torch.Tensor) -> float:
     logp = torch.log_softmax(logits.float(), -1)
     return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
@@ -94,14 +105,19 @@ def calibrate_tokens(
     prompts: Optional[Sequence[Sequence[int]]] = None,
     continuations: Optional[Sequence[Sequence[int]]] = None,
     progress: bool = True,
+    probes: bool = True,
 ) -> TokenProfile:
-    """Measure the ``TokenProfile`` of ``engine``'s model (see the module docstring)."""
+    """Measure the ``TokenProfile`` of ``engine``'s model (see the module docstring).
+
+    ``probes=False`` stops after step 1 (every input equally important, no agreement table): enough
+    for speed measurements on random weights, where the KL probes would cost minutes and mean nothing.
+    """
     from tqdm.auto import tqdm
 
     from .adaptive import calibration_prompts, model_fingerprint
 
     if prompts is None or continuations is None:
-        prompts, continuations = calibration_prompts(engine)
+        prompts, continuations = calibration_prompts(engine) if engine.tokenizer is not None else _id_prompts(engine)
     num_layers = engine.num_layers
     bar = tqdm(total=1 + num_layers * len(GROUPS) + len(TARGETS) * len(AGREEMENT_KEEPS), desc="token-level calibration", disable=not progress, unit="pass")
 
@@ -125,6 +141,10 @@ def calibrate_tokens(
         errors[layer, g] = relative_errors(sample, weight, thresholds[layer, g].to(x.device))
     del recorder
     bar.update()
+    if not probes:
+        bar.close()
+        damage = torch.cummax(errors, dim=-1).values
+        return TokenProfile(thresholds, damage, sizes, model_fingerprint(engine), {"probes": False})
 
     # 2. Importance: KL from dense with one input sparsified at the probe level, prompt dense.
     probe_set = _ProbeSet(engine, prompts, [list(c)[:PROBE_TOKENS] for c in continuations])
@@ -148,16 +168,21 @@ def calibrate_tokens(
     profile = TokenProfile(thresholds, damage, sizes, model_fingerprint(engine), meta)
 
     # 4. What each allocated level keeps of the model's own answers: keep="auto" picks from this.
-    dense_top = dense_logp.argmax(-1)
+    meta["agreement"] = measure_agreement(engine, profile, probe_set, dense_logp.argmax(-1), bar)
+    bar.close()
+    return profile
+
+
+def measure_agreement(engine: "Engine", profile: TokenProfile, probe_set: "_ProbeSet", dense_top: torch.Tensor, bar=None) -> dict:
+    """Top-1 agreement with the dense model of every ``AGREEMENT_KEEPS`` level, per targets (``"ffn:0.7"``)."""
     agreement = {}
     for targets in TARGETS:
         for keep in AGREEMENT_KEEPS:
-            session = engine.token_session(profile.allocate(keep, targets), len(prompts))
+            session = engine.token_session(profile.allocate(keep, targets), len(probe_set.cont))
             agreement[f"{targets}:{keep}"] = float((probe_set.logits(session).argmax(-1) == dense_top).float().mean())
-            bar.update()
-    bar.close()
-    meta["agreement"] = agreement
-    return profile
+            if bar is not None:
+                bar.update()
+    return agreement
 
 
 class _ProbeSet:

@@ -14,11 +14,8 @@ Measured, not tabulated: the loop decodes the answer's first ``warmup`` tokens d
 A batch shares one keep (compact weights need one size per layer): the lowest that every
 unfinished sequence passes.
 
-With ``mode="token"`` (the default) the candidates come from the model's token-level
-calibration instead: its lowest level whose agreement with the dense model on the calibration
-answers reaches ``quality`` (``TokenProfile.level``), then the denser ones. The warm-up check
-(``choose_token_keep``) scores a candidate on this request's own warm-up in one teacher-forced
-pass, and decoding simply continues on the same cache under the chosen thresholds.
+This is sentence-level ``keep="auto"``. Token-level ``keep="auto"`` (the default) needs no
+warm-up: ``Engine.resolve`` takes the model's calibrated level for the request's ``quality``.
 """
 
 from __future__ import annotations
@@ -102,55 +99,3 @@ def choose_keep(
         return AutoChoice(1.0, None, logits_all[:, -1], cache, mask, dense_warm, agreement)
     return AutoChoice(best[0], best[1], logits_all[:, -1], cache, mask, dense_warm, agreement)
 
-
-# The warm-up check scores 15 positions, so one token is 0.067 of agreement: a request falls back to a
-# denser level only when it is clearly (by more than this) below the target the level was chosen for.
-TOKEN_CHECK_MARGIN = 0.14
-
-
-@dataclass
-class TokenChoice:
-    keep: float  # 1.0: the rest stays dense
-    session: Optional[object]  # the TokenSession decoding continues with; None for dense
-    agreement: dict[float, float] = field(default_factory=dict)
-
-
-@torch.inference_mode()
-def choose_token_keep(
-    engine,
-    warm: Sequence[Sequence[int]],
-    dense_top: Sequence[Sequence[int]],
-    sparsity,
-    prompt_cache,
-    prompt_mask: torch.Tensor,
-    live: Optional[Sequence[bool]] = None,
-) -> TokenChoice:
-    """The model's calibrated token-level keep for ``sparsity.quality``, checked on the warm-up.
-
-    ``warm[b]`` are sequence ``b``'s warm-up tokens and ``dense_top[b][j]`` the dense model's top
-    token after ``warm[b][:j]`` (so ``dense_top[b][j]`` for ``j >= 1`` is what the sparse model,
-    fed ``warm[b][:j]``, must predict). ``prompt_cache`` is copied, never changed.
-    """
-    live = list(live) if live is not None else [True] * len(warm)
-    levels = engine.token_profile().levels(sparsity.quality, sparsity.targets)
-    longest = max(len(w) for w in warm)
-    feed = torch.full((len(warm), max(longest - 1, 1)), engine.pad_id(), dtype=torch.long)
-    for b, w in enumerate(warm):
-        feed[b, : len(w) - 1] = torch.tensor(list(w[:-1]), dtype=torch.long)
-    feed = feed.to(prompt_mask.device)
-    masked = ReferenceBackend(engine, masked=True)
-    agreement: dict[float, float] = {}
-    for keep in levels:
-        check = engine.token_session(engine.token_thresholds(keep, sparsity.targets), len(warm))
-        state = masked.start(check, copy.deepcopy(prompt_cache), prompt_mask, 0)
-        top = engine.score_continuation(state, masked, feed).argmax(-1).tolist()
-        scores = [
-            sum(int(top[b][j - 1] == dense_top[b][j]) for j in range(1, len(w))) / (len(w) - 1)
-            for b, w in enumerate(warm)
-            if live[b] and len(w) > 1
-        ]
-        agreement[keep] = min(scores, default=1.0)
-        if agreement[keep] >= sparsity.quality - TOKEN_CHECK_MARGIN:
-            config = replace(sparsity, keep=keep)
-            return TokenChoice(keep, engine.token_session(engine.token_thresholds(keep, sparsity.targets), len(warm), config), agreement)
-    return TokenChoice(1.0, None, agreement)

@@ -386,9 +386,6 @@ class LeanBackend:
             state.token, state.session = model.token_layers(session.thresholds), session
         return state
 
-    def sparsify(self, state: LeanState, session) -> None:
-        state.token, state.session = self.model.token_layers(session.thresholds), session
-
     def step(self, state: LeanState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (``[B]``); logits ``[B, V]`` for the next."""
         slot = state.slot

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from ..config import SamplingConfig
-from .auto import choose_keep, choose_token_keep
+from .auto import choose_keep
 
 
 class DecodeBackend(Protocol):
@@ -28,9 +28,6 @@ class DecodeBackend(Protocol):
     def start(self, session, hf_cache, mask: torch.Tensor, length: int): ...
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor: ...
-
-    def sparsify(self, state, session) -> None:
-        """Go on decoding ``state`` under a token-level ``session`` (its cache stays as it is)."""
 
 
 @dataclass
@@ -183,7 +180,9 @@ def generate(
     seqs = [_Sequence(len(p), engine.generator(sampling.seed)) for p in prompts]
     tracker = _Tracker(engine, seqs, sampling, set() if ignore_eos else engine.eos_ids(), on_token)
 
-    auto = sparsity is not None and sparsity.auto
+    auto = sparsity is not None and sparsity.auto  # sentence-level: token-level auto is resolved per model
+    if auto and sparsity.token:
+        raise ValueError('token-level keep="auto" is resolved by Engine.resolve before decoding')
     if auto and selector is not None:
         raise ValueError('keep="auto" chooses the keep itself; it does not take a custom selector')
 
@@ -206,12 +205,7 @@ def generate(
     # keep="auto" decides once, after the warm-up; until then (or if the answer ends first) it is dense.
     keep = 1.0 if auto else sparsity.keep if sparsity is not None else None
     warming = auto
-    dense_top: list[list[int]] = [[] for _ in seqs]  # token mode's warm-up: the dense model's top tokens
-    dense_steps = 0  # decode steps before a token-level session took over (they read every weight)
     while True:
-        if warming and sparsity.token:
-            for row, top in zip(dense_top, logits.argmax(-1).tolist()):
-                row.append(top)
         tokens = pick_tokens(logits, sampling, seqs)
         if tracker.advance(tokens):
             break
@@ -220,22 +214,13 @@ def generate(
             warming = False
             chosen = time.perf_counter()
             live = [not s.finish_reason for s in seqs]
-            if sparsity.token:
-                choice = choose_token_keep(engine, [s.ids for s in seqs], dense_top, sparsity, prompt_cache, mask, live)
-                session, keep = choice.session, choice.keep
-                if session is not None:
-                    backend.sparsify(state, session)
-            else:
-                choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask, live=live)
-                session, keep, logits = choice.session, choice.keep, choice.logits
-                remaining = sampling.max_new_tokens - sparsity.warmup + 1
-                state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
+            choice = choose_keep(engine, prompts, [s.ids for s in seqs], sparsity, prompt_cache, mask, live=live)
+            session, keep, logits = choice.session, choice.keep, choice.logits
+            remaining = sampling.max_new_tokens - sparsity.warmup + 1
+            state = backend.start(session, choice.cache, choice.mask, choice.mask.shape[1] + remaining)
             select_s += time.perf_counter() - chosen
             start += time.perf_counter() - chosen  # decode time excludes the choice
-            if not sparsity.token:
-                continue
-        if session is None or session.mode != "token":
-            dense_steps += 1
+            continue
         feed = [pad if s.finish_reason else t for s, t in zip(seqs, tokens)]
         logits = backend.step(state, torch.tensor(feed, device=device))
     sync(device)
@@ -253,8 +238,8 @@ def generate(
             prefill_s=prefill_s,
             select_s=select_s,
             decode_s=decode_s,
-            ffn_density=_share(session, row, dense_steps, "ffn_density"),
-            weight_share=_share(session, row, dense_steps, "weight_share", engine),
+            ffn_density=_share(session, row, "ffn_density"),
+            weight_share=_share(session, row, "weight_share", engine),
             keep=keep,
             backend=backend.name,
             weights=backend.weights,
@@ -265,22 +250,17 @@ def generate(
     ]
 
 
-def _share(session, row: int, dense_steps: int, measure: str, engine=None) -> float:
+def _share(session, row: int, measure: str, engine=None) -> float:
     """One sequence's share of weights read per decode step (``ffn_density`` or ``weight_share``).
 
-    A token-level session counts what its own steps read; steps decoded densely before it took
-    over (keep="auto"'s warm-up) read everything. A sentence-level session reads a fixed share.
+    A token-level session counts what its own steps read; a sentence-level one reads a fixed share.
     """
     if session is None:
         return 1.0
-    if session.mode != "token":
-        density = session.ffn_density()
-        return density if measure == "ffn_density" else engine.weight_share(density)
-    sparse_steps = session.tokens[row]
-    if sparse_steps + dense_steps == 0:
-        return 1.0
-    share = getattr(session, measure)(row)
-    return (dense_steps + sparse_steps * share) / (dense_steps + sparse_steps)
+    if session.mode == "token":
+        return getattr(session, measure)(row)
+    density = session.ffn_density()
+    return density if measure == "ffn_density" else engine.weight_share(density)
 
 
 def forced_logits(backend: DecodeBackend, state, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,6 @@ class ReferenceBackend:
             session.build_compacts()
         return ReferenceState(hf_cache, mask, mask.sum(-1, keepdim=True) - 1, session)
 
-    def sparsify(self, state: ReferenceState, session) -> None:
-        state.session = session
-
     def step(self, state: ReferenceState, tokens: torch.Tensor) -> torch.Tensor:
         state.positions = state.positions + 1
         state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
