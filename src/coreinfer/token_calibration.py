@@ -109,8 +109,9 @@ def calibrate_tokens(
 ) -> TokenProfile:
     """Measure the ``TokenProfile`` of ``engine``'s model (see the module docstring).
 
-    ``probes=False`` stops after step 1 (every input equally important, no agreement table): enough
-    for speed measurements on random weights, where the KL probes would cost minutes and mean nothing.
+    ``probes=False`` keeps step 1's thresholds only (every input and level alike, no agreement table):
+    enough for speed measurements on random weights, where the measured costs would take minutes and
+    mean nothing.
     """
     from tqdm.auto import tqdm
 
@@ -137,6 +138,9 @@ def calibrate_tokens(
         thresholds[layer, g] = level_thresholds(x.abs()).cpu()
         weight = _weights(engine, layer, group)
         sizes[layer, g] = weight.numel()
+        if not probes:  # every input alike: the allocation then spreads the target evenly
+            errors[layer, g] = torch.tensor(LEVELS)
+            continue
         sample = x[torch.linspace(0, len(x) - 1, min(len(x), ERROR_TOKENS), device=x.device).long()]
         errors[layer, g] = relative_errors(sample, weight, thresholds[layer, g].to(x.device))
     del recorder
