@@ -154,11 +154,18 @@ def generate(
         sys.stdout.write("\n")
         typer.secho(
             f"[{result.new_tokens} tokens, {result.decode_tok_s:.1f} tok/s decode, "
-            f"{result.mode}, ffn_density {result.ffn_density:.3f}, weight_share {result.weight_share:.3f}, "
-            f"{result.backend} backend, {result.weights} weights]",
+            f"{result.mode}{_dense_reason(sparsity, result)}, ffn_density {result.ffn_density:.3f}, "
+            f"weight_share {result.weight_share:.3f}, {result.backend} backend, {result.weights} weights]",
             err=True,
             fg=typer.colors.BRIGHT_BLACK,
         )
+
+
+def _dense_reason(sparsity, result) -> str:
+    """Why token-level keep auto decoded densely: no level met --quality, or none was faster here."""
+    if sparsity is None or not (sparsity.auto and sparsity.token) or result.mode != "dense":
+        return ""
+    return " (keep auto: no token-level level meets --quality, or none decodes faster than dense on this machine)"
 
 
 @app.command()

@@ -481,19 +481,25 @@ class Engine:
             self._token_profile = calibrate_tokens(self, prompts, continuations, progress=progress, probes=False)
             return self._token_profile
         if self._token_profile is None or refresh:
-            fingerprint = adaptive.model_fingerprint(self)
-            directory = cache_root() / "calibration" / fingerprint
-            stored = () if refresh else (directory, adaptive.shipped_calibration_dir(fingerprint))
-            for candidate in stored:
-                try:
-                    self._token_profile = TokenProfile.load(candidate, expect_model=fingerprint)
-                    break
-                except (OSError, ValueError, KeyError):
-                    continue
-            else:
-                self._token_profile = calibrate_tokens(self, prompts, continuations, progress=progress)
-                self._token_profile.save(directory)
+            self._token_profile = self._stored_or_measured(
+                TokenProfile.load, lambda: calibrate_tokens(self, prompts, continuations, progress=progress), refresh
+            )
         return self._token_profile
+
+    def _stored_or_measured(self, load, measure, refresh: bool):
+        """A calibration from this model's cache directory or the package's (the default model's ships),
+        else ``measure()``d and stored in the cache; ``refresh`` always measures."""
+        fingerprint = adaptive.model_fingerprint(self)
+        directory = cache_root() / "calibration" / fingerprint
+        stored = () if refresh else (directory, adaptive.shipped_calibration_dir(fingerprint))
+        for candidate in stored:
+            try:
+                return load(candidate, expect_model=fingerprint)
+            except (OSError, ValueError, KeyError):
+                continue
+        measured = measure()
+        measured.save(directory)
+        return measured
 
     def down_column_norms(self) -> list[torch.Tensor]:
         """Each layer's ``‖W_down[:, n]‖`` per neuron, computed once (WINA's weighting)."""
@@ -517,21 +523,13 @@ class Engine:
         ``refresh`` measures again (with ``method``, default ``adaptive.DEFAULT_METHOD``) and replaces the stored one.
         """
         if self._calibration is None or refresh:
-            fingerprint = adaptive.model_fingerprint(self)
-            directory = cache_root() / "calibration" / fingerprint
-            # The default model's calibration ships with the package, so its first use is instant.
-            stored = () if refresh else (directory, adaptive.shipped_calibration_dir(fingerprint))
-            for candidate in stored:
-                try:
-                    self._calibration = adaptive.Calibration.load(candidate, expect_model=fingerprint)
-                    break
-                except (OSError, ValueError, KeyError):
-                    continue
-            else:
-                self._calibration = adaptive.calibrate(
+            self._calibration = self._stored_or_measured(
+                adaptive.Calibration.load,
+                lambda: adaptive.calibrate(
                     self, prompts, continuations, progress=progress, method=method or adaptive.DEFAULT_METHOD
-                )
-                self._calibration.save(directory)
+                ),
+                refresh,
+            )
         return self._calibration
 
     @torch.inference_mode()
