@@ -8,6 +8,7 @@ import torch
 from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
 from coreinfer.decode.lean import SUPPORTED_TYPES
+from coreinfer.decode import weights as weights_module
 from coreinfer.decode.weights import gathered_linear
 from coreinfer.token_sparsity import GROUPS, LEVELS, TokenProfile, TokenThresholds, kept_entries, level_thresholds, sparsify
 
@@ -42,7 +43,10 @@ def test_level_thresholds_drop_each_levels_share():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_gathered_linear_equals_masked_dense(dtype, batch):
+@pytest.mark.parametrize("kernel", ["embedding_bag", "sparse_mm"])
+def test_gathered_linear_equals_masked_dense(dtype, batch, kernel, monkeypatch):
+    if kernel == "sparse_mm":
+        monkeypatch.setattr(weights_module, "SPARSE_MM_MIN_WEIGHTS", 1)
     torch.manual_seed(0)
     w = torch.randn(24, 40).to(dtype)
     x = torch.randn(batch, 40).to(dtype)

@@ -22,6 +22,10 @@ import torch
 from torch.nn import functional as F
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+# Token-level products over matrices this large go through torch.sparse.mm, smaller ones through
+# embedding_bag: measured on a 2-core AVX2 CPU, sparse.mm took Llama-3.2-1B-shaped decoding at half
+# the weights from x1.36 to x1.54 dense, and SmolLM2's (all matrices under 2M weights) from x1.06 to x0.96.
+SPARSE_MM_MIN_WEIGHTS = 4_000_000
 INT8_ALIGN = 16
 
 
@@ -160,7 +164,8 @@ def gathered_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float) -> tup
 
     ``x`` is ``[B, in]``; each sequence keeps its own entries (one bag each). Returns the product
     ``[B, out]`` and the number of inputs kept per sequence. ``embedding_bag`` sums the selected
-    rows weighted by their inputs in one fused kernel, so the dropped rows are never read.
+    rows weighted by their inputs in one fused kernel, so the dropped rows are never read; large
+    matrices go through ``torch.sparse.mm`` of the kept inputs as a COO matrix, faster there.
     """
     mask = x.abs() > threshold
     if x.shape[0] == 1:
@@ -174,6 +179,11 @@ def gathered_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: float) -> tup
         kept = counts.tolist()
         offsets = counts.cumsum(0) - counts
         values = x[mask]
+    if w_t.numel() >= SPARSE_MM_MIN_WEIGHTS:
+        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), torch.tensor(kept, device=x.device))
+        coo = torch.sparse_coo_tensor(torch.stack([rows, index]), values.to(w_t.dtype), (x.shape[0], x.shape[1]),
+                                      is_coalesced=True)
+        return torch.sparse.mm(coo, w_t).to(x.dtype), kept
     out = F.embedding_bag(index, w_t, offsets, mode="sum", per_sample_weights=values.to(w_t.dtype))
     return out.to(x.dtype), kept
 
