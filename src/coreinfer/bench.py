@@ -137,6 +137,7 @@ class Timing:
     ffn_density: float = 1.0  # as the run reported it (keep="auto" chooses it per run)
     weight_share: float = 1.0  # share of all decode-time weights read per token
     chosen_keep: Optional[float] = None  # the keep the run decoded with (keep="auto": its choice)
+    mode: str = "dense"  # what decoded the run: dense, sentence or token (keep="auto" may resolve to dense)
 
     @property
     def answer_s(self) -> float:
@@ -205,7 +206,7 @@ class Runners:
         )
         r = results[0]
         return Timing(r.prompt_tokens, r.new_tokens, batch, r.prefill_s, r.select_s + r.decode_s, r.token_ids,
-                      r.ffn_density, r.weight_share, r.keep)
+                      r.ffn_density, r.weight_share, r.keep, r.mode)
 
     def _run_llamacpp(self, config, prompt, new_tokens, batch) -> Timing:
         import numpy as np
@@ -292,7 +293,7 @@ def bytes_per_token(
         return Path(gguf).stat().st_size
     weights = config.weights if config.kind == "engine" and config.backend == "lean" else "fp32"
     model = runners.lean_model(weights)
-    if config.mode == "token":
+    if config.mode == "token":  # also right where keep="auto" decoded densely: its share is then 1
         return round(model.weight_bytes_per_token(1.0) * weight_share)
     return model.weight_bytes_per_token(ffn_density)
 
@@ -464,7 +465,7 @@ def run_bench(
             "backend": config.backend if config.kind == "engine" else config.kind,
             "keep": config.keep,
             "chosen_keep": last.chosen_keep,
-            "mode": config.mode if config.keep is not None else "dense",
+            "mode": last.mode,
             "targets": config.targets if config.mode == "token" else None,
             "dense_tokens": DEFAULT_SPARSITY.warmup if config.keep == "auto" and config.mode == "sentence" else 0,
             "rule": config.rule if config.keep is not None and config.mode == "sentence" else None,

@@ -40,7 +40,7 @@ from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 from .token_calibration import calibrate_tokens
 from .token_session import TokenSession
-from .token_sparsity import TokenProfile, TokenThresholds
+from .token_sparsity import GROUPS, TokenProfile, TokenThresholds
 
 BACKENDS = ("auto", "lean", "reference")
 # Token-level keep="auto" decodes densely unless the sparse step is at least this much faster (Engine.token_pays).
@@ -222,6 +222,7 @@ class Engine:
         self._calibration = None
         self._token_profile: Optional[TokenProfile] = None
         self._attention: Optional[list] = None
+        self._token_speed: Optional[dict[str, float]] = None  # token_pays' verdicts, from speed.json
         self._column_norms: Optional[list[torch.Tensor]] = None
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -421,7 +422,7 @@ class Engine:
     def token_thresholds(self, keep: float, targets: str = "all") -> TokenThresholds:
         """Thresholds reading about ``keep`` of the ``targets`` weights per token (calibrating on first use)."""
         if keep >= 1.0:
-            return TokenThresholds(torch.zeros(self.num_layers, 4), 1.0, targets)
+            return TokenThresholds(torch.zeros(self.num_layers, len(GROUPS)), 1.0, targets)
         return self.token_profile().allocate(keep, targets)
 
     def resolve(self, sparsity: Optional[SparsityConfig], backend: Optional[DecodeBackend] = None) -> Optional[SparsityConfig]:
@@ -448,16 +449,20 @@ class Engine:
             return False  # the reference backend only masks its dense products: it never reads less
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         key = f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{backend.weights}:{sparsity.targets}:{sparsity.keep:g}"
-        path = cache_root() / "calibration" / adaptive.model_fingerprint(self) / "speed.json"
-        try:
-            verdicts = json.loads(path.read_text())
-        except (OSError, ValueError):
-            verdicts = {}
-        if key not in verdicts:
-            verdicts[key] = self._measure_token_speedup(backend, sparsity)
+        if self._token_speed is None:  # read once per engine, not per request
+            try:
+                self._token_speed = json.loads(self._speed_path().read_text())
+            except (OSError, ValueError):
+                self._token_speed = {}
+        if key not in self._token_speed:
+            self._token_speed[key] = self._measure_token_speedup(backend, sparsity)
+            path = self._speed_path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(verdicts, indent=1) + "\n")
-        return verdicts[key] >= TOKEN_SPEEDUP
+            path.write_text(json.dumps(self._token_speed, indent=1) + "\n")
+        return self._token_speed[key] >= TOKEN_SPEEDUP
+
+    def _speed_path(self):
+        return cache_root() / "calibration" / adaptive.model_fingerprint(self) / "speed.json"
 
     def _measure_token_speedup(self, backend: DecodeBackend, sparsity: SparsityConfig, rounds: int = 2) -> float:
         """Dense decode time over token-level decode time, best of ``rounds`` alternated short runs."""

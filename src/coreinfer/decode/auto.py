@@ -98,4 +98,3 @@ def choose_keep(
     if best is None:
         return AutoChoice(1.0, None, logits_all[:, -1], cache, mask, dense_warm, agreement)
     return AutoChoice(best[0], best[1], logits_all[:, -1], cache, mask, dense_warm, agreement)
-

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..token_sparsity import group_index
 from .weights import (
     Int8Weight, Weight, activation_dtype, alignment, cat_rows, gathered_linear, linear, nbytes, padded, quantize,
     rows_padded, take_cols,
 )
 
-_GROUP_INDEX = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3}  # token_sparsity.GROUPS order
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
 TOKEN_WEIGHTS = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 
@@ -264,10 +264,10 @@ def _project(x: torch.Tensor, w: Weight, group: str, index: int, step: "_Step") 
     token = step.token[index] if step.token is not None else None
     if token is None or group not in token.transposed:
         if token is not None:
-            step.session.count(index, _GROUP_INDEX[group], [x.shape[-1]] * x.shape[0])
+            step.session.count(index, group_index(group), [x.shape[-1]] * x.shape[0])
         return linear(x, w)
     out, kept = gathered_linear(x, token.transposed[group], token.thresholds[group])
-    step.session.count(index, _GROUP_INDEX[group], kept)
+    step.session.count(index, group_index(group), kept)
     return out
 
 
