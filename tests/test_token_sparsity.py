@@ -8,8 +8,7 @@ import torch
 from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
 from coreinfer.decode.lean import SUPPORTED_TYPES
-from coreinfer.decode import weights as weights_module
-from coreinfer.decode.weights import gathered_linear
+from coreinfer.decode.weights import GatherWeight, gathered_linear
 from coreinfer.token_sparsity import GROUPS, LEVELS, TokenProfile, TokenThresholds, kept_entries, level_thresholds, sparsify
 
 from conftest import prompts, tiny_model
@@ -43,14 +42,14 @@ def test_level_thresholds_drop_each_levels_share():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("kernel", ["embedding_bag", "sparse_mm"])
-def test_gathered_linear_equals_masked_dense(dtype, batch, kernel, monkeypatch):
-    if kernel == "sparse_mm":
-        monkeypatch.setattr(weights_module, "SPARSE_MM_MIN_WEIGHTS", 1)
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])  # 5 does not divide 24 outputs: one block then
+def test_gathered_linear_equals_masked_dense(dtype, batch, parts):
     torch.manual_seed(0)
     w = torch.randn(24, 40).to(dtype)
     x = torch.randn(batch, 40).to(dtype)
-    out, kept = gathered_linear(x, w.t().contiguous(), 0.7)
+    gather = GatherWeight.of(w, parts)
+    assert gather.parts == (1 if parts == 5 else parts)
+    out, kept = gathered_linear(x, gather, 0.7)
     reference = torch.nn.functional.linear(sparsify(x, 0.7).float(), w.float())
     tol = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.float(), reference, atol=tol, rtol=tol)
@@ -59,8 +58,9 @@ def test_gathered_linear_equals_masked_dense(dtype, batch, kernel, monkeypatch):
 
 
 def test_gathered_linear_with_nothing_kept_is_zero():
-    out, kept = gathered_linear(torch.full((2, 8), 0.1), torch.randn(8, 5), 1.0)
-    assert kept == [0, 0] and torch.equal(out, torch.zeros(2, 5))
+    for batch in (1, 2):
+        out, kept = gathered_linear(torch.full((batch, 8), 0.1), GatherWeight.of(torch.randn(6, 8), 2), 1.0)
+        assert kept == [0] * batch and torch.equal(out, torch.zeros(batch, 6))
 
 
 def _profile(damage: torch.Tensor) -> TokenProfile:

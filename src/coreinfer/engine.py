@@ -34,7 +34,7 @@ from .decode.lean import LeanBackend, LeanModel
 from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
-from .decode.weights import check_weights, default_weights
+from .decode.weights import GATHER_KERNEL, check_weights, default_weights
 from .loading import cache_root
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
@@ -448,7 +448,9 @@ class Engine:
         if backend.name != "lean":
             return False  # the reference backend only masks its dense products: it never reads less
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-        key = f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{backend.weights}:{sparsity.targets}:{sparsity.keep:g}"
+        # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
+        key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{GATHER_KERNEL}:{backend.weights}:"
+               f"{sparsity.targets}:{sparsity.keep:g}")
         if self._token_speed is None:  # read once per engine, not per request
             try:
                 self._token_speed = json.loads(self._speed_path().read_text())
@@ -469,7 +471,7 @@ class Engine:
         prompt = [list(range(1, 17))]
         sampling = SamplingConfig(max_new_tokens=10)
         best = {"dense": float("inf"), "token": float("inf")}
-        for _ in range(rounds + 1):  # the first round warms both paths up (and builds the transposed weights)
+        for _ in range(rounds + 1):  # the first round warms both paths up (and builds the gather-layout weights)
             for name, config in (("dense", None), ("token", sparsity)):
                 result = loop.generate(self, backend, prompt, config, sampling, ignore_eos=True)[0]
                 best[name] = min(best[name], result.decode_s)

@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from ..token_sparsity import group_index
 from .weights import (
-    Int8Weight, Weight, activation_dtype, alignment, cat_rows, gathered_linear, linear, nbytes, padded, quantize,
-    rows_padded, take_cols,
+    GatherWeight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, gather_parts, gathered_linear, linear,
+    nbytes, padded, quantize, rows_padded, take_cols,
 )
 
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
@@ -69,10 +69,10 @@ class CompactLayer:
 @dataclass
 class TokenLayer:
     """One layer's token-level decode: a threshold per input and, where it is above 0, the
-    matrices reading that input transposed (``[in, out]``), so a kept input is one contiguous row."""
+    matrices reading that input in the gather layout (``GatherWeight``: a kept input's weights contiguous)."""
 
     thresholds: dict[str, float]
-    transposed: dict[str, torch.Tensor]
+    gathered: dict[str, GatherWeight]
 
 
 class LeanModel:
@@ -105,7 +105,7 @@ class LeanModel:
         self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
         self.rotary = hf_model.model.rotary_emb
         self.device = self.norm.device
-        self._transposed: dict[tuple[int, str], torch.Tensor] = {}
+        self._gathered: dict[tuple[int, str], GatherWeight] = {}
 
     def _norm(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight.detach().float()
@@ -166,15 +166,15 @@ class LeanModel:
         return compacts
 
     def token_layers(self, thresholds) -> list[TokenLayer]:
-        """Each layer's thresholds (a ``TokenThresholds``) with the transposed weights they need.
+        """Each layer's thresholds (a ``TokenThresholds``) with the gather-layout weights they need.
 
-        A transposed copy is made once per matrix, on the first request that sparsifies its input,
+        A gather-layout copy is made once per matrix, on the first request that sparsifies its input,
         and kept: dense requests go on reading the row layout.
         """
         layers = []
         for index, layer in enumerate(self.layers):
             values = thresholds.layer(index)
-            transposed = {}
+            gathered = {}
             for group, threshold in values.items():
                 if threshold <= 0:
                     continue
@@ -182,10 +182,10 @@ class LeanModel:
                 if isinstance(weight, Int8Weight):
                     raise ValueError("token-level sparsity on the lean backend needs fp32 or bf16 weights, not int8")
                 key = (index, group)
-                if key not in self._transposed:
-                    self._transposed[key] = weight.t().contiguous()
-                transposed[group] = self._transposed[key]
-            layers.append(TokenLayer(values, transposed))
+                if key not in self._gathered:
+                    self._gathered[key] = GatherWeight.of(weight, gather_parts(self.device))
+                gathered[group] = self._gathered[key]
+            layers.append(TokenLayer(values, gathered))
         return layers
 
     def rope_tables(self, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -262,11 +262,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 def _project(x: torch.Tensor, w: Weight, group: str, index: int, step: "_Step") -> torch.Tensor:
     """``x @ w.T``; under token-level sparsity, only the rows of the kept inputs are read (and counted)."""
     token = step.token[index] if step.token is not None else None
-    if token is None or group not in token.transposed:
+    if token is None or group not in token.gathered:
         if token is not None:
             step.session.count(index, group_index(group), [x.shape[-1]] * x.shape[0])
         return linear(x, w)
-    out, kept = gathered_linear(x, token.transposed[group], token.thresholds[group])
+    out, kept = gathered_linear(x, token.gathered[group], token.thresholds[group])
     step.session.count(index, group_index(group), kept)
     return out
 
