@@ -9,7 +9,7 @@ from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
 from coreinfer.decode.lean import SUPPORTED_TYPES
 from coreinfer.decode.weights import GatherWeight, gathered_linear
-from coreinfer.token_sparsity import GROUPS, LEVELS, TokenProfile, TokenThresholds, kept_entries, level_thresholds, sparsify
+from coreinfer.token_sparsity import GROUPS, LEVELS, MIN_AUTO_KEEP, TokenProfile, TokenThresholds, kept_entries, level_thresholds, sparsify
 
 from conftest import prompts, tiny_model
 
@@ -96,11 +96,12 @@ def test_allocation_of_ffn_targets_leaves_attention_dense_and_keep_one_is_dense(
 def test_profile_round_trips_and_refuses_another_model(tmp_path):
     damage = torch.tensor(LEVELS).expand(2, len(GROUPS), -1).clone()
     profile = _profile(damage)
-    profile.model, profile.meta = "m", {"agreement": {"ffn:0.5": 0.8, "ffn:0.7": 0.95, "ffn:0.9": 0.99}}
+    profile.model, profile.meta = "m", {"agreement": {"ffn:0.5": 0.96, "ffn:0.7": 0.95, "ffn:0.9": 0.99}}
     profile.save(tmp_path)
     loaded = TokenProfile.load(tmp_path, expect_model="m")
     assert torch.equal(loaded.damage, profile.damage) and loaded.meta == profile.meta
-    assert loaded.levels(0.9, "ffn") == [0.7, 0.9]
+    assert loaded.levels(0.9, "ffn") == [0.7, 0.9]  # 0.5 passes too, but auto never goes below MIN_AUTO_KEEP
+    assert loaded.levels(0.97, "ffn") == [0.9]
     assert loaded.levels(0.999, "ffn") == []
     with pytest.raises(ValueError, match="calibrated for"):
         TokenProfile.load(tmp_path, expect_model="other")
@@ -175,7 +176,7 @@ def test_auto_token_mode_takes_the_calibrated_level_for_its_quality(monkeypatch,
     monkeypatch.setattr(engine, "token_pays", lambda backend, sparsity: True)  # speed is the next test's
     agreement = engine.token_profile().meta["agreement"]
     sampling = SamplingConfig(max_new_tokens=12)
-    lowest = min(float(k.split(":")[1]) for k in agreement if k.startswith("ffn:"))
+    lowest = min(float(k.split(":")[1]) for k in agreement if k.startswith("ffn:") and float(k.split(":")[1]) >= MIN_AUTO_KEEP)
     loose = engine.generate_ids(prompts((9, 5)), SparsityConfig(keep="auto", mode="token", targets="ffn", quality=0.01),
                                 sampling, backend="lean", weights="fp32", ignore_eos=True)
     for r in loose:

@@ -17,7 +17,7 @@ REVISION_HELP = "Hub id only: the branch, tag or commit to load (default: main).
 GGUF_FILE_HELP = "Hub id (or directory) only: the GGUF file to load from it; dequantised once into the safetensors cache."
 DTYPE_HELP = ("dtype the model is loaded in (the reference backend, dense logits): auto (the checkpoint's on CUDA, "
               "float32 on the CPU), float32, bfloat16 or float16. The lean backend copies it into --weights.")
-DEFAULT_QUALITY = 0.93  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
+DEFAULT_QUALITY = 0.85  # config.DEFAULT_SPARSITY.quality (config is not imported at start-up)
 KEEP_HELP = ("sentence mode: fraction of FFN neurons kept, in (0, 1] (per sparse layer; for 'adaptive' the FFN "
              "density over all layers); token mode: share of the --targets weights read per token; or auto: "
              "chosen per request to meet --quality.")

@@ -116,4 +116,4 @@ def mode_for(mode: Optional[str], keep: Union[float, str]) -> str:
 # What `coreinfer generate`, the server and `coreinfer eval` run when told nothing: token-level
 # sparsity of the FFN inputs at the model's calibrated level for `quality`, checked on a dense
 # warm-up of each answer (keep="auto"). `rule` is what a sentence-level request ranks by.
-DEFAULT_SPARSITY = SparsityConfig(keep=AUTO, rule="griffin", mode="token", targets="ffn", quality=0.93)
+DEFAULT_SPARSITY = SparsityConfig(keep=AUTO, rule="griffin", mode="token", targets="ffn", quality=0.85)
