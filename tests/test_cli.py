@@ -65,7 +65,7 @@ def test_default_runs_the_lean_backend(real_engine):
     result = runner.invoke(app, ["generate", "Name a colour.", "--json", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["backend"] == "lean" and payload["weights"] in ("bf16", "fp32")
+    assert payload["backend"] == "lean" and payload["weights"] == "int4"  # a GGUF source on the CPU (default_weights)
 
 
 @pytest.mark.real_model

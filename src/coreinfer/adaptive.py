@@ -191,14 +191,12 @@ def model_fingerprint(engine: "Engine") -> str:
 
 def calibration_prompts(engine: "Engine", max_new_tokens: int = 64) -> tuple[list[list[int]], list[list[int]]]:
     """Built-in prompts and the model's own dense greedy continuations of them."""
-    from .decode.weights import default_weights
-
     prompts = [engine.encode(p) for p in CALIBRATION_PROMPTS]
     # The continuations are only text to measure on (every KL is taken against the dense model as
     # loaded), so they come from the fastest faithful path: lean bf16 where the CPU or GPU has it,
     # never int8 (it can fall into loops), and the reference backend where the engine keeps to it
     # (memory-limited mode).
-    fast = {} if engine.backend_name == "reference" else {"backend": "auto", "weights": default_weights(engine.device)}
+    fast = {} if engine.backend_name == "reference" else {"backend": "auto", "weights": engine.default_weights()}
     results = engine.generate_ids(prompts, None, SamplingConfig(max_new_tokens=max_new_tokens), **fast)
     pairs = [(p, r.token_ids) for p, r in zip(prompts, results) if len(r.token_ids) >= 4]
     return [p for p, _ in pairs], [c for _, c in pairs]

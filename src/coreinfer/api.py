@@ -43,4 +43,5 @@ def load(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model, tokenizer, _ = load_model_and_tokenizer(source, device, dtype)
-    return Engine(hf_model, tokenizer, name=source.name, backend=backend, weights=weights)
+    gguf = source.path if source.path.suffix == ".gguf" else None
+    return Engine(hf_model, tokenizer, name=source.name, backend=backend, weights=weights, gguf=gguf)

@@ -34,7 +34,7 @@ import torch
 
 from .config import DEFAULT_SPARSITY, SamplingConfig, SparsityConfig
 from .decode.lean import LeanModel
-from .decode.weights import default_weights
+from .decode.weights import GATHER_FORMATS
 from .engine import Engine
 from .offload_bench import peak_rss_mb as process_peak_rss_mb
 
@@ -87,12 +87,11 @@ class BenchSettings:
     scaling_repeats: int = 3
     scaling_keep: float = 0.4
 
-    def lean_weights(self) -> str:
-        return self.weights or default_weights(torch.device("cpu"))
+    def lean_weights(self, engine: Engine) -> str:
+        return self.weights or engine.default_weights()
 
 
-def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchConfig]:
-    weights = settings.lean_weights()
+def default_configs(settings: BenchSettings, weights: str, with_llamacpp: bool) -> list[BenchConfig]:
     configs = [
         BenchConfig("hf_dense", "hf"),
         BenchConfig("reference_dense", "engine", backend="reference"),
@@ -104,10 +103,12 @@ def default_configs(settings: BenchSettings, with_llamacpp: bool) -> list[BenchC
     default = DEFAULT_SPARSITY
     configs.append(BenchConfig(f"default_{weights}", "engine", default.keep, weights, default.rule,
                                mode=default.mode, targets=default.targets))
-    configs += [BenchConfig(f"token_k{k:g}_{weights}", "engine", k, weights, mode="token") for k in settings.token_keeps]
+    # Token-level rows need weights read row by row: fp32 where the format (int8, int4) cannot be.
+    tw = weights if weights in GATHER_FORMATS else "fp32"
+    configs += [BenchConfig(f"token_k{k:g}_{tw}", "engine", k, tw, mode="token") for k in settings.token_keeps]
     if settings.token_keeps:
         k = settings.token_keeps[-1]
-        configs.append(BenchConfig(f"token_all_k{k:g}_{weights}", "engine", k, weights, mode="token", targets="all"))
+        configs.append(BenchConfig(f"token_all_k{k:g}_{tw}", "engine", k, tw, mode="token", targets="all"))
     configs += [BenchConfig(f"coreinfer_k{k:g}_{weights}", "engine", keep=k, weights=weights) for k in settings.keeps]
     # Sparsity alone, without quantisation.
     if weights != "fp32":
@@ -438,7 +439,7 @@ def run_bench(
 
     ``items`` (``quality.Item``) replace the shared GSM8K items of the teacher-forced column.
     """
-    configs = default_configs(settings, with_llamacpp=gguf is not None)
+    configs = default_configs(settings, settings.lean_weights(engine), with_llamacpp=gguf is not None)
     runners = Runners(engine, hf_model, gguf)
     prompt = _prompt_ids(engine, settings.prompt)
     progress(f"measuring read bandwidth; {len(configs)} configurations x {settings.repeats + 1} rounds")
@@ -507,7 +508,7 @@ def run_bench(
 
 def run_scaling(runners: Runners, settings: BenchSettings, prompt: list[int], progress=print) -> dict:
     """Decode tok/s (all sequences together) of the dense lean path and CoreInfer at ``scaling_keep``."""
-    weights = settings.lean_weights()
+    weights = settings.lean_weights(runners.engine)
     configs = [
         BenchConfig(f"lean_dense_{weights}", "engine", weights=weights),
         BenchConfig(f"coreinfer_k{settings.scaling_keep:g}_{weights}", "engine", keep=settings.scaling_keep, weights=weights),

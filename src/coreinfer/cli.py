@@ -162,9 +162,12 @@ def generate(
 
 
 def _dense_reason(sparsity, result) -> str:
-    """Why token-level keep auto decoded densely: no level met --quality, or none was faster here."""
+    """Why token-level keep auto decoded densely: weights it cannot read row by row, no level met
+    --quality, or none was faster here."""
     if sparsity is None or not (sparsity.auto and sparsity.token) or result.mode != "dense":
         return ""
+    if result.weights in ("int4", "int8"):
+        return f" (keep auto: token-level sparsity reads fp32 or bf16 rows, not {result.weights}; --weights fp32 for it)"
     return " (keep auto: no token-level level meets --quality, or none decodes faster than dense on this machine)"
 
 

@@ -21,6 +21,7 @@ import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
@@ -34,8 +35,8 @@ from .decode.lean import LeanBackend, LeanModel
 from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
-from .decode.weights import GATHER_KERNEL, check_weights, default_weights
-from .loading import cache_root
+from .decode.weights import GATHER_FORMATS, GATHER_KERNEL, check_weights, default_weights
+from .loading import cache_root, gguf_int4_cache
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 from .token_calibration import calibrate_tokens
@@ -203,10 +204,11 @@ class Engine:
     ``backend`` chooses how tokens are decoded: ``"lean"`` (fused weights, static
     cache; Llama, Mistral, Qwen2, Qwen3), ``"reference"`` (the HF modules, any family),
     or ``"auto"``: lean where it applies. ``weights`` is the lean backend's weight
-    format, ``"auto"`` meaning ``decode.weights.default_weights`` for the device.
+    format, ``"auto"`` meaning ``decode.weights.default_weights`` for the device and source.
     """
 
-    def __init__(self, model, tokenizer=None, name: str = "model", backend: str = "auto", weights: str = "auto"):
+    def __init__(self, model, tokenizer=None, name: str = "model", backend: str = "auto", weights: str = "auto",
+                 gguf: Optional[Path] = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if weights != "auto":
@@ -218,6 +220,7 @@ class Engine:
         self.lock = threading.RLock()  # re-entrant: calibration runs inside a request
         self.backend_name = backend
         self.weights = weights
+        self.gguf = gguf  # the GGUF file the model was dequantised from, if any: int4 reads its own blocks
         self._lean: dict[str, LeanBackend] = {}
         self._calibration = None
         self._token_profile: Optional[TokenProfile] = None
@@ -270,12 +273,17 @@ class Engine:
             )
         return self._lean_backend(weights)
 
+    def default_weights(self) -> str:
+        """What ``weights="auto"`` means for this engine: ``decode.weights.default_weights``."""
+        return default_weights(self.device, gguf=self.gguf is not None)
+
     def _lean_backend(self, weights: str) -> LeanBackend:
         if weights in ("auto", "model"):
-            weights = default_weights(self.device)
+            weights = self.default_weights()
         check_weights(weights)
         if weights not in self._lean:
-            self._lean[weights] = LeanBackend(LeanModel(self.model, weights))
+            cache = gguf_int4_cache(self.gguf) if self.gguf is not None else None
+            self._lean[weights] = LeanBackend(LeanModel(self.model, weights, gguf=self.gguf, gguf_cache=cache))
         return self._lean[weights]
 
     def eos_ids(self) -> set[int]:
@@ -447,6 +455,8 @@ class Engine:
         """
         if backend.name != "lean":
             return False  # the reference backend only masks its dense products: it never reads less
+        if backend.weights not in GATHER_FORMATS:
+            return False  # int8 and int4 have no token-level gather (decode.weights.GATHER_FORMATS)
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
         key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{GATHER_KERNEL}:{backend.weights}:"

@@ -250,6 +250,11 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / f"{gguf.stem}-{key}"
 
 
+def gguf_int4_cache(gguf: Path) -> Path:
+    """Where a GGUF's own 4-bit blocks are kept once read (``decode.gguf_blocks``): beside its dequantised copy."""
+    return _gguf_cache_dir(gguf) / "int4.safetensors"
+
+
 def cache_is_valid(entry: Path) -> bool:
     """True when every file the manifest lists is present with its recorded size and hash."""
     try:
@@ -404,6 +409,7 @@ __all__ = [
     "cached_model_dir",
     "checkpoint_dtype",
     "default_gguf_path",
+    "gguf_int4_cache",
     "fetch_from_hub",
     "is_hub_id",
     "load_dtype",

@@ -20,6 +20,7 @@ In fp32 the greedy tokens equal the reference backend's (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,8 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..token_sparsity import group_index
+from .gguf_blocks import gguf_int4_weights
 from .weights import (
-    GatherWeight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, gather_parts, gathered_linear, linear,
+    GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, gather_parts, gathered_linear, linear,
     nbytes, padded, quantize, rows_padded, take_cols,
 )
 
@@ -78,7 +80,8 @@ class TokenLayer:
 class LeanModel:
     """Contiguous decode-time weights of a Llama-family HF model."""
 
-    def __init__(self, hf_model: nn.Module, weights: str = "fp32"):
+    def __init__(self, hf_model: nn.Module, weights: str = "fp32", gguf: Optional[Path] = None,
+                 gguf_cache: Optional[Path] = None):
         config = hf_model.config
         if config.model_type not in SUPPORTED_TYPES:
             raise ValueError(f"the lean backend supports {', '.join(SUPPORTED_TYPES)}, not {config.model_type}")
@@ -97,9 +100,14 @@ class LeanModel:
         self.max_positions = config.max_position_embeddings
         self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
         self.act = _mlp(hf_model.model.layers[0]).act_fn
+        # int4 from a GGUF: the file's own blocks where they hold a matrix exactly, bf16 where they cannot.
+        self._gguf = gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.dtype, gguf_cache) if weights == "int4" and gguf else None
         self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
         self.norm = self._norm(hf_model.model.norm)
-        self.lm_head = quantize(hf_model.get_output_embeddings().weight, weights)
+        tied = hf_model.get_output_embeddings().weight is hf_model.model.embed_tokens.weight
+        self.lm_head = self._matrix("model.embed_tokens.weight" if tied else "lm_head.weight",
+                                    hf_model.get_output_embeddings().weight)
+        self._gguf = None  # the layers hold what they use
         embed = hf_model.model.embed_tokens
         self.embed = embed.weight  # read one row per token: keep the model's own
         self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
@@ -116,14 +124,17 @@ class LeanModel:
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         kind = self.layer_types[index] if self.layer_types else "default"
         gemma = self.gemma
+        at = f"model.layers.{index}."
+        qkv = [(at + f"self_attn.{n}_proj.weight", getattr(attn, f"{n}_proj").weight) for n in "qkv"]
+        gate_up = [(at + f"mlp.{n}_proj.weight", getattr(mlp, f"{n}_proj").weight) for n in ("gate", "up")]
         return LeanLayer(
             attn_norm=self._norm(layer.input_layernorm),
-            wqkv=quantize(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), self.weights),
+            wqkv=self._fused(qkv),
             bqkv=None if biases[0] is None else _c(torch.cat(biases), self.dtype),
-            wo=quantize(attn.o_proj.weight, self.weights),
+            wo=self._matrix(at + "self_attn.o_proj.weight", attn.o_proj.weight),
             ffn_norm=self._norm(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm),
-            w13=quantize(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), self.weights),
-            w2=quantize(mlp.down_proj.weight, self.weights),
+            w13=self._fused(gate_up),
+            w2=self._matrix(at + "mlp.down_proj.weight", mlp.down_proj.weight),
             q_norm=self._norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
             k_norm=self._norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
             attn_out_norm=self._norm(layer.post_attention_layernorm) if gemma else None,
@@ -131,6 +142,23 @@ class LeanModel:
             window=getattr(attn, "sliding_window", None) if gemma else None,
             rope=kind,
         )
+
+    def _matrix(self, name: str, weight: torch.Tensor) -> Weight:
+        """One matrix in this model's format: from a GGUF's blocks where read, in fp32 where a GGUF
+        holds it in a type int4 cannot (Q6_K, F16; bf16 there: the activations are bf16), else
+        quantised from the loaded weight."""
+        if self._gguf is None:
+            return quantize(weight, self.weights)
+        return self._gguf[name] if name in self._gguf else _c(weight, self.dtype)
+
+    def _fused(self, parts: list[tuple[str, torch.Tensor]]) -> Weight:
+        """Matrices stacked by rows (q, k, v; gate, up); dense if any part is dense."""
+        if self._gguf is None:
+            return quantize(torch.cat([w for _, w in parts]), self.weights)
+        matrices = [self._matrix(name, w) for name, w in parts]
+        if all(isinstance(m, Int4Weight) for m in matrices):
+            return cat_rows(matrices)
+        return _c(torch.cat([w for _, w in parts]), self.dtype)
 
     @property
     def num_neurons(self) -> int:
@@ -179,8 +207,8 @@ class LeanModel:
                 if threshold <= 0:
                     continue
                 weight = getattr(layer, TOKEN_WEIGHTS[group])
-                if isinstance(weight, Int8Weight):
-                    raise ValueError("token-level sparsity on the lean backend needs fp32 or bf16 weights, not int8")
+                if isinstance(weight, (Int8Weight, Int4Weight)):
+                    raise ValueError(f"token-level sparsity on the lean backend needs fp32 or bf16 weights, not {self.weights}")
                 key = (index, group)
                 if key not in self._gathered:
                     self._gathered[key] = GatherWeight.of(weight, gather_parts(self.device))
@@ -204,6 +232,19 @@ class LeanModel:
 def mlp_width(layer: LeanLayer) -> int:
     w2 = layer.w2
     return w2.in_features if hasattr(w2, "in_features") else w2.shape[1]
+
+
+def _matrices(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every decode-time matrix under transformers' own names (the engine's FFN wrappers looked through)."""
+    matrices = {"model.embed_tokens.weight": hf_model.model.embed_tokens.weight,
+                "lm_head.weight": hf_model.get_output_embeddings().weight}
+    for index, layer in enumerate(hf_model.model.layers):
+        attn, mlp, at = layer.self_attn, _mlp(layer), f"model.layers.{index}."
+        for name in ("q", "k", "v", "o"):
+            matrices[at + f"self_attn.{name}_proj.weight"] = getattr(attn, f"{name}_proj").weight
+        for name in ("gate", "up", "down"):
+            matrices[at + f"mlp.{name}_proj.weight"] = getattr(mlp, f"{name}_proj").weight
+    return matrices
 
 
 def _mlp(layer: nn.Module) -> nn.Module:

@@ -1,0 +1,213 @@
+"""A GGUF file's own integer blocks as ``Int4Weight`` matrices, for ``--weights int4``.
+
+GGUF's Q4_0, Q4_1 and Q4_K (in sub-blocks of 32) are affine per group of 32 weights, and Q5_0,
+Q5_1 and Q8_0 are too with more bits: ``w = scale * q + offset``. ``Int4Weight`` holds any of them
+exactly (wider codes as 4-bit planes), so the lean backend decodes the very values llama.cpp
+decodes, without rounding them a second time. Other types (Q6_K's groups of 16, F16, F32) are not
+read here: the caller keeps those matrices in fp32, which holds their dequantised values exactly.
+
+Each matrix is checked against the Hugging Face model's own (dequantised) weight before use, after
+the row order transformers applies on load (llama's q and k are stored permuted for llama.cpp's
+rope); a matrix that does not match is not used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .weights import INT4_GROUP, Int4Weight, int4_fits
+
+Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, 32] ints, scale [n], offset [n], bits
+
+
+def _halves(d: np.ndarray) -> np.ndarray:
+    return d.view(np.float16).astype(np.float32).reshape(-1)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block: elements 0-15 in the low nibbles, 16-31 in the high."""
+    return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int32)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    bits = qh.copy().view(np.uint32).reshape(-1, 1) >> np.arange(32, dtype=np.uint32)
+    return (bits & 1).astype(np.int32)
+
+
+def _q4_0(b: np.ndarray) -> Blocks:
+    d = _halves(b[:, :2])
+    return _nibbles(b[:, 2:]), d, -8 * d, 4
+
+
+def _q4_1(b: np.ndarray) -> Blocks:
+    return _nibbles(b[:, 4:]), _halves(b[:, :2]), _halves(b[:, 2:4]), 4
+
+
+def _q5_0(b: np.ndarray) -> Blocks:
+    d = _halves(b[:, :2])
+    return _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4), d, -16 * d, 5
+
+
+def _q5_1(b: np.ndarray) -> Blocks:
+    return _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4), _halves(b[:, :2]), _halves(b[:, 2:4]), 5
+
+
+def _q8_0(b: np.ndarray) -> Blocks:
+    d = _halves(b[:, :2])
+    return b[:, 2:].view(np.int8).astype(np.int32) + 128, d, -128 * d, 8
+
+
+def _q4_k(b: np.ndarray) -> Blocks:
+    """256 weights per block: 8 sub-blocks of 32, each ``d * sc * q - dmin * m`` (6-bit sc and m)."""
+    from gguf.quants import Q4_K
+
+    d, dmin = _halves(b[:, :2]), _halves(b[:, 2:4])
+    sc, m = Q4_K.get_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 15).reshape(-1, 32).astype(np.int32)  # sub-block j: the low (j even) or high nibbles of chunk j // 2
+    return q, (d[:, None] * sc).reshape(-1), (-dmin[:, None] * m).reshape(-1), 4
+
+
+# GGML type name -> (bytes per block, weights per block, reader into groups of 32)
+READERS: dict[str, tuple[int, int, Callable[[np.ndarray], Blocks]]] = {
+    "Q4_0": (18, 32, _q4_0),
+    "Q4_1": (20, 32, _q4_1),
+    "Q4_K": (144, 256, _q4_k),
+    "Q5_0": (22, 32, _q5_0),
+    "Q5_1": (24, 32, _q5_1),
+    "Q8_0": (34, 32, _q8_0),
+}
+
+
+def int4_from_gguf_tensor(kind: str, raw: np.ndarray, rows: int, cols: int,
+                          dtype: torch.dtype = torch.bfloat16) -> Optional[Int4Weight]:
+    """One GGUF matrix (``[rows, cols]`` in nn.Linear's layout) as an ``Int4Weight``; None for other types."""
+    if kind not in READERS or cols % INT4_GROUP or rows % 16:
+        return None
+    block_bytes, _, read = READERS[kind]
+    q, scale, offset, bits = read(np.ascontiguousarray(raw).reshape(-1, block_bytes))
+    groups = cols // INT4_GROUP
+    return Int4Weight.from_integers(
+        torch.from_numpy(q.reshape(rows, cols)),
+        torch.from_numpy(scale.reshape(rows, groups)),
+        torch.from_numpy(offset.reshape(rows, groups)),
+        bits,
+    )
+
+
+def _row_order(hf_model: nn.Module, gguf_name: str, rows: int) -> np.ndarray:
+    """Which GGUF row each HF row is: transformers' own tensor processor applied to the row numbers."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    config = hf_model.config
+    arch = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    })
+    index = np.arange(rows, dtype=np.float32).reshape(rows, 1)
+    return processor.process(index, gguf_name).weights.reshape(-1).astype(np.int64)
+
+
+def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: dict[str, torch.Tensor],
+                      dtype: torch.dtype = torch.bfloat16, cache: Optional[Path] = None) -> dict[str, Int4Weight]:
+    """The GGUF's own blocks of each ``wanted`` matrix (transformers' parameter name -> the loaded
+    weight) that they reproduce, by the same names; ``dtype`` is the activations'.
+
+    Reading a GGUF takes seconds (gguf-py parses its whole vocabulary first); with ``cache`` (a
+    safetensors file beside the dequantised model) the blocks are read and checked once, then loaded.
+    """
+    if cache is not None and cache.exists():
+        try:
+            return _load(cache, dtype)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache: read the GGUF again
+    found = _read(path, hf_model, wanted, dtype)
+    if cache is not None:
+        _save(found, cache)
+    return found
+
+
+def _read(path: Path, hf_model: nn.Module, wanted: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Int4Weight]:
+    from gguf import GGUFReader
+
+    hf_names = _gguf_names(hf_model.config, wanted)
+    found = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        hf_name = hf_names.get(tensor.name)
+        if hf_name is None or len(tensor.shape) != 2:
+            continue
+        cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-moving dimension first
+        weight = int4_from_gguf_tensor(tensor.tensor_type.name, tensor.data, rows, cols, dtype)
+        if weight is None:
+            continue
+        order = _row_order(hf_model, tensor.name, rows)
+        if not np.array_equal(order, np.arange(rows)):
+            weight = weight.rows(torch.from_numpy(order), rows)
+        if _reproduces(weight, wanted[hf_name]):
+            found[hf_name] = weight
+    return found
+
+
+def _gguf_names(config, hf_names) -> dict[str, str]:
+    """GGUF tensor name -> transformers' name, from gguf-py's own table for the architecture."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch_name = {"gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}.get(
+        config.model_type, config.model_type)
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == arch_name), None)
+    if arch is None:
+        return {}
+    table = get_tensor_name_map(arch, config.num_hidden_layers)
+    names = {}
+    for hf_name in hf_names:
+        gguf_name = table.get_name(hf_name.removesuffix(".weight"))
+        if gguf_name is not None:
+            names[gguf_name + ".weight"] = hf_name
+    return names
+
+
+def _save(found: dict[str, Int4Weight], cache: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, planes = {}, {}
+    for name, weight in found.items():
+        planes[name] = str(len(weight.codes))
+        for plane, (codes, scale_zeros) in enumerate(zip(weight.codes, weight.scale_zeros)):
+            tensors[f"{name}/{plane}/codes"] = codes.contiguous()
+            tensors[f"{name}/{plane}/scale_zeros"] = scale_zeros.contiguous()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_suffix(".partial")
+    save_file(tensors, str(staging), metadata={"format": "1", **planes})
+    staging.replace(cache)  # whole or absent: a process killed mid-write leaves no half cache
+
+
+def _load(cache: Path, dtype: torch.dtype) -> dict[str, Int4Weight]:
+    from safetensors import safe_open
+
+    found = {}
+    with safe_open(str(cache), "pt") as stored:
+        metadata = stored.metadata()
+        if metadata.pop("format", None) != "1":
+            raise ValueError(f"{cache}: not an int4 cache this version reads")
+        for name, planes in metadata.items():
+            codes = [stored.get_tensor(f"{name}/{p}/codes") for p in range(int(planes))]
+            scale_zeros = [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(int(planes))]
+            found[name] = Int4Weight.packed(codes, scale_zeros, INT4_GROUP, dtype)
+    return found
+
+
+def _reproduces(weight: Int4Weight, reference: torch.Tensor) -> bool:
+    reference = reference.detach().float().cpu()
+    if tuple(reference.shape) != weight.shape:
+        return False
+    error = (weight.dequantize().cpu() - reference).abs().max()
+    return bool(error <= 1e-5 * reference.abs().max().clamp(min=1e-30))
+
+
+__all__ = ["READERS", "gguf_int4_weights", "int4_from_gguf_tensor", "int4_fits"]

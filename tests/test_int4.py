@@ -1,0 +1,131 @@
+"""Group-wise int4 weights: GGUF's own blocks read exactly, the kernel against dequantised references,
+and the lean backend's int4 paths (dense, sentence-level compact, batches) against masked dense ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from coreinfer import Engine
+from coreinfer.config import SparsityConfig
+from coreinfer.decode.gguf_blocks import READERS, int4_from_gguf_tensor
+from coreinfer.decode.weights import Int4Weight, cat_rows, linear, rows_padded, take_cols
+from coreinfer.token_sparsity import GROUPS, TokenThresholds
+
+from conftest import TEST_DEVICE, prompts, tiny_model
+
+# The CPU kernel is the point here; elsewhere int4 dequantises (tested by the same numbers).
+ON_CPU = TEST_DEVICE == "cpu"
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes shaped as GGUF blocks of ``kind``, with finite fp16 scales (each block's first bytes)."""
+    block_bytes, block_weights, _ = READERS[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // block_weights, block_bytes), dtype=np.uint8)
+    halves = {"Q4_1": 2, "Q5_1": 2, "Q4_K": 2}.get(kind, 1)  # d, and m or dmin where the type has one
+    raw[:, : 2 * halves] = rng.uniform(-0.1, 0.1, (raw.shape[0], halves)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", sorted(READERS))
+def test_gguf_blocks_read_to_the_values_gguf_dequantises(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows, cols = 16, 256
+    raw = random_blocks(kind, rows, cols)
+    weight = int4_from_gguf_tensor(kind, raw, rows, cols)
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, cols).astype(np.float32))
+    assert len(weight.codes) == {"Q5_0": 2, "Q5_1": 2, "Q8_0": 2}.get(kind, 1)
+    torch.testing.assert_close(weight.dequantize(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gguf_types_int4_cannot_hold_are_left_out():
+    assert int4_from_gguf_tensor("Q6_K", np.zeros((16, 210), np.uint8), 16, 256) is None
+    assert int4_from_gguf_tensor("Q4_1", random_blocks("Q4_1", 8, 64), 8, 64) is None  # rows not a multiple of 16
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int4_linear_equals_the_dequantised_product(bits, batch):
+    torch.manual_seed(0)
+    q = torch.randint(0, 2**bits, (48, 96))
+    scale, offset = torch.rand(48, 3) / 10, torch.randn(48, 3) / 10
+    reference = (q.float().view(48, 3, 32) * scale[..., None] + offset[..., None]).view(48, 96)
+    x = torch.randn(batch, 96)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):  # bf16: the kernel's scales round
+        weight = Int4Weight.from_integers(q, scale, offset, bits, dtype=dtype)
+        torch.testing.assert_close(weight.dequantize(), reference, atol=1e-5, rtol=1e-5)
+        got = linear(x.to(dtype), weight).float()
+        torch.testing.assert_close(got, F.linear(x, reference), atol=tolerance * reference.abs().max().item() * 10,
+                                   rtol=tolerance)
+
+
+def test_int4_rows_columns_and_stacking_keep_the_values():
+    torch.manual_seed(0)
+    four = Int4Weight.quantize(torch.randn(32, 64))
+    eight = Int4Weight.from_integers(torch.randint(0, 256, (16, 64)), torch.rand(16, 2), torch.zeros(16, 2), 8)
+    index = torch.tensor([5, 0, 17])
+    picked = rows_padded(four, index, 16)
+    assert torch.equal(picked.dequantize()[:3], four.dequantize()[index])
+    assert torch.equal(picked.dequantize()[3:], torch.zeros(13, 64))  # zero rows contribute nothing
+    stacked = cat_rows([four, eight])  # one plane and two: the first reads a zero second plane
+    torch.testing.assert_close(stacked.dequantize(), torch.cat([four.dequantize(), eight.dequantize()]))
+    columns = take_cols(four, index, 8)
+    assert columns.dtype == four.dtype and torch.equal(columns[:, :3], four.dequantize()[:, index].to(four.dtype))
+
+
+def test_int4_round_to_nearest_stays_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    grouped = w.view(16, 2, 32)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / 15
+    error = (Int4Weight.quantize(w).dequantize() - w).view(16, 2, 32).abs().amax(-1)
+    assert torch.all(error <= step / 2 + 1e-6)
+
+
+def int4_exact_model():
+    """A tiny model whose matrices already hold int4 values (round to nearest once), so int4 decoding
+    and the dense fp32 reference (its prefill included) read the same numbers."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(Int4Weight.quantize(p).dequantize())
+    return model
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    got, want = torch.cat(got), torch.cat(want)
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the int4 CPU kernel")
+@pytest.mark.parametrize("keep", [None, 0.4])
+def test_lean_int4_tracks_fp32_on_the_same_values(keep):
+    """Dense and sentence-level compact int4 decoding give the logits fp32 gives on the int4 values,
+    as closely as bf16 weights do (int4 runs bf16 activations), and a batch gives each single run."""
+    engine = Engine(int4_exact_model(), tokenizer=None)
+    lean = engine.backend("lean", "int4").model
+    assert all(isinstance(w, Int4Weight) for layer in lean.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))
+    assert isinstance(lean.lm_head, Int4Weight)
+    sparsity = None if keep is None else SparsityConfig(keep=keep, layers=(0, 1, 2, 3))
+    batch, answer = prompts((9, 12), seed=5), [[5, 17, 33, 2, 90, 41]] * 2
+    logits = {w: engine.continuation_logits(batch, answer, sparsity, backend="lean", weights=w)[0]
+              for w in ("fp32", "bf16", "int4")}
+    error = _relative_error(logits["int4"], logits["fp32"])
+    assert error < max(2 * _relative_error(logits["bf16"], logits["fp32"]), 1e-3)
+    agree = torch.cat(logits["int4"]).argmax(-1) == torch.cat(logits["fp32"]).argmax(-1)
+    assert agree.float().mean() > 0.9
+    single, _ = engine.continuation_logits(batch[1:], answer[1:], sparsity, backend="lean", weights="int4")
+    assert _relative_error(single, logits["int4"][1:]) < 0.01
+
+
+def test_token_level_refuses_int4_and_the_default_decodes_it_densely():
+    engine = Engine(tiny_model("llama"), tokenizer=None)
+    with pytest.raises(ValueError, match="int4"):
+        engine.backend("lean", "int4").model.token_layers(TokenThresholds(torch.ones(4, len(GROUPS)), 0.5, "ffn"))
+    assert not engine.token_pays(engine.backend("lean", "int4"), SparsityConfig(keep=0.7, mode="token"))
