@@ -212,3 +212,33 @@ def test_real_model_int8_sparse_agrees_with_fp32_sparse(real_engine):
     dense = agreement(None)
     for rule in ("adaptive", "griffin"):
         assert agreement(SparsityConfig(keep=0.6, rule=rule)) >= dense - 0.15
+
+
+def test_exact_top_logits_break_the_ties_bf16_rounding_makes():
+    """bf16 logits round to 0.125 near 20: two tokens 0.03 apart tie there, and the fp32 one must win."""
+    from coreinfer.decode.lean import exact_top_logits
+
+    torch.manual_seed(0)
+    head = torch.randn(64, 16)
+    x = torch.randn(1, 16).bfloat16().float()  # the hidden state the lean backend holds is bf16
+    exact = x @ head.t()
+    # Put token 3 0.03 above token 7, both near 20, where bf16's step is 0.125.
+    head[3] *= 20.03 / exact[0, 3].item()
+    head[7] *= 20.0 / exact[0, 7].item()
+    rounded = (x @ head.t()).bfloat16()
+    assert rounded[0, 3] == rounded[0, 7]  # the tie the bf16 head writes
+    fixed = exact_top_logits(rounded, x.bfloat16(), head)
+    assert fixed.dtype == torch.float32 and fixed[0].argmax().item() == 3
+    torch.testing.assert_close(fixed[0, [3, 7]], (x @ head.t())[0, [3, 7]])
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_real_model_near_tie_prompt_answers_as_fp32(real_engine, weights):
+    """"Give me three tips for sleeping better." reaches a near-tie after "1. **" (fp32: "Avoid" by 0.031
+    logits over "1"). bf16 logits tied it, and greedy then wrote "1.1.1.1..." (on this commit's parent)."""
+    ids = [real_engine.encode("Give me three tips for sleeping better.")]
+    sampling = SamplingConfig(max_new_tokens=16)
+    reference = real_engine.generate_ids(ids, None, sampling, backend="lean", weights="fp32")[0]
+    got = real_engine.generate_ids(ids, None, sampling, backend="lean", weights=weights)[0]
+    assert got.token_ids == reference.token_ids

@@ -37,6 +37,7 @@ from .weights import (
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
 TOKEN_WEIGHTS = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 
+EXACT_TOP = 8  # logits recomputed in fp32 per token where the head is not fp32 (exact_top_logits)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Gemma 3 differs in a few declared places: RMSNorm scales by (1 + w), norms after attention and
 # FFN too, a scaled embedding, its own query scale, and sliding-window layers with their own rope.
@@ -108,6 +109,8 @@ class LeanModel:
         self.lm_head = self._matrix("model.embed_tokens.weight" if tied else "lm_head.weight",
                                     hf_model.get_output_embeddings().weight)
         self._gguf = None  # the layers hold what they use
+        # The model's own LM head (not a copy), read for a few rows per token: see exact_top_logits.
+        self.head_exact = None if weights == "fp32" else hf_model.get_output_embeddings().weight.detach()
         embed = hf_model.model.embed_tokens
         self.embed = embed.weight  # read one row per token: keep the model's own
         self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
@@ -377,9 +380,25 @@ def decode_step(
         x.add_(_ffn(model, layer, compacts.get(index), ffn_in, index, step))
     x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
     logits = linear(x, model.lm_head)
+    if model.head_exact is not None:
+        logits = exact_top_logits(logits, x, model.head_exact)
     if model.softcap:
         logits = torch.tanh(logits / model.softcap) * model.softcap
     return logits
+
+
+def exact_top_logits(logits: torch.Tensor, x: torch.Tensor, head: torch.Tensor, k: int = EXACT_TOP) -> torch.Tensor:
+    """fp32 logits ``[B, V]``, the ``k`` largest recomputed in fp32 from the model's own head rows.
+
+    bf16 logits are rounded to steps of 0.125 at magnitudes 16-32, so near-ties between the top
+    tokens are decided by rounding. On SmolLM2, "Give me three tips for sleeping better." reaches
+    one after "1. **": fp32 prefers "Avoid" over "1" by 0.031; bf16 logits tied them (0.000) and
+    greedy took "1", after which the model repeats "1." for ever. Recomputing the top few exactly
+    costs ``k`` rows of the head per token.
+    """
+    top = logits.topk(k, dim=-1).indices  # [B, k]
+    exact = torch.einsum("bd,bkd->bk", x.float(), head[top].float())
+    return logits.float().scatter_(-1, top, exact)
 
 
 @dataclass
