@@ -198,7 +198,7 @@ def _load(cache: Path, dtype: torch.dtype) -> dict[str, Int4Weight]:
         for name, planes in metadata.items():
             codes = [stored.get_tensor(f"{name}/{p}/codes") for p in range(int(planes))]
             scale_zeros = [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(int(planes))]
-            found[name] = Int4Weight.packed(codes, scale_zeros, INT4_GROUP, dtype)
+            found[name] = Int4Weight(codes, scale_zeros, INT4_GROUP, dtype)
     return found
 
 

@@ -109,6 +109,7 @@ class LeanModel:
         self.lm_head = self._matrix("model.embed_tokens.weight" if tied else "lm_head.weight",
                                     hf_model.get_output_embeddings().weight)
         self._gguf = None  # the layers hold what they use
+        _pack([self.lm_head] + [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)])
         # The model's own LM head (not a copy), read for a few rows per token: see exact_top_logits.
         self.head_exact = None if weights == "fp32" else hf_model.get_output_embeddings().weight.detach()
         embed = hf_model.model.embed_tokens
@@ -193,6 +194,7 @@ class LeanModel:
             for k in kept.to(self.device):
                 w13.append(cat_rows([rows_padded(layer.w13, k, width), rows_padded(layer.w13, k + n, width)]))
                 w2.append(take_cols(layer.w2, k, width))
+            _pack(w13)  # per request, with the gather: not in the first decode step
             compacts[index] = CompactLayer(w13, w2)
         return compacts
 
@@ -235,6 +237,13 @@ class LeanModel:
 def mlp_width(layer: LeanLayer) -> int:
     w2 = layer.w2
     return w2.in_features if hasattr(w2, "in_features") else w2.shape[1]
+
+
+def _pack(weights: list[Weight]) -> None:
+    """Build the int4 kernel's layout now (it is otherwise made on first use)."""
+    for w in weights:
+        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu":
+            w.kernel()
 
 
 def _matrices(hf_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -128,11 +128,12 @@ class Int4Weight:
 
     codes: list[torch.Tensor]  # per plane [out, in / 2] uint8: column 2j in the low nibble, 2j + 1 in the high
     scale_zeros: list[torch.Tensor]  # per plane [in / group, out, 2] fp32: scale, zero (the kernel's layout)
-    # What the CPU kernel reads, per plane: torch._convert_weight_to_int4pack_for_cpu's layout of the
-    # codes and the scales in the activation dtype (bf16: rounded from fp32). Empty off the CPU.
-    kernel: list[tuple[torch.Tensor, torch.Tensor]]
     group: int = INT4_GROUP
     dtype: torch.dtype = torch.bfloat16
+    # What the CPU kernel reads, per plane: torch._convert_weight_to_int4pack_for_cpu's layout of the
+    # codes and the scales in the activation dtype (bf16: rounded from fp32). Made on first use, so
+    # the parts of a stacked matrix (gate and up rows of a compact FFN) are never packed alone.
+    _kernel: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
     @classmethod
     def from_integers(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
@@ -147,14 +148,12 @@ class Int4Weight:
             zero = 8 * plane_scale + (offset.float() if plane == 0 else 0.0)
             codes.append((code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8))
             scale_zeros.append(torch.stack([plane_scale.t(), zero.t()], dim=-1).contiguous())
-        return cls.packed(codes, scale_zeros, group, dtype)
+        return cls(codes, scale_zeros, group, dtype)
 
-    @classmethod
-    def packed(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor], group: int,
-               dtype: torch.dtype) -> "Int4Weight":
-        on_cpu = codes[0].device.type == "cpu"
-        kernel = [(_int4_pack(c), sz.to(dtype)) for c, sz in zip(codes, scale_zeros)] if on_cpu else []
-        return cls(codes, scale_zeros, kernel, group, dtype)
+    def kernel(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._kernel is None:
+            self._kernel = [(_int4_pack(c), sz.to(self.dtype)) for c, sz in zip(self.codes, self.scale_zeros)]
+        return self._kernel
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16) -> "Int4Weight":
@@ -186,7 +185,7 @@ class Int4Weight:
             codes[-1][: len(index)] = c[index]
             scale_zeros.append(sz.new_zeros(sz.shape[0], count, 2))
             scale_zeros[-1][:, : len(index)] = sz[:, index]
-        return Int4Weight.packed(codes, scale_zeros, self.group, self.dtype)
+        return Int4Weight(codes, scale_zeros, self.group, self.dtype)
 
     def numel(self) -> int:
         out_features, in_features = self.shape
@@ -211,7 +210,7 @@ def _cat_int4(parts: list[Int4Weight]) -> Int4Weight:
                                 for p in parts]))
         scale_zeros.append(torch.cat([p.scale_zeros[plane] if plane < len(p.codes) else
                                       torch.zeros_like(p.scale_zeros[0]) for p in parts], dim=1))
-    return Int4Weight.packed(codes, scale_zeros, parts[0].group, parts[0].dtype)
+    return Int4Weight(codes, scale_zeros, parts[0].group, parts[0].dtype)
 
 
 def int4_fits(w: torch.Tensor, group: int = INT4_GROUP) -> bool:
@@ -255,10 +254,10 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """One int4 kernel call per plane on the CPU; elsewhere (CUDA) the honest fallback: dequantise, then matmul."""
-    if not w.kernel:
+    if x.device.type != "cpu":
         return F.linear(x, w.dequantize().to(x.dtype))
     out = None
-    for packed, scale_zeros in w.kernel:
+    for packed, scale_zeros in w.kernel():
         part = torch._weight_int4pack_mm_for_cpu(x, packed, w.group, scale_zeros)
         out = part if out is None else out.add_(part)
     return out
