@@ -129,3 +129,18 @@ def test_token_level_refuses_int4_and_the_default_decodes_it_densely():
     with pytest.raises(ValueError, match="int4"):
         engine.backend("lean", "int4").model.token_layers(TokenThresholds(torch.ones(4, len(GROUPS)), 0.5, "ffn"))
     assert not engine.token_pays(engine.backend("lean", "int4"), SparsityConfig(keep=0.7, mode="token"))
+
+
+def test_default_scores_int4_as_it_decodes_it_densely(monkeypatch, tmp_path):
+    """The default's token-level level has no int4 path: scoring it on int4 scores the dense int4 model."""
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4")
+    batch = prompts((9, 5), seed=3)
+    engine.token_profile(batch, [p[::-1] * 2 for p in batch], progress=False)
+    monkeypatch.setattr(engine.token_profile(), "levels", lambda quality, targets: [0.7])
+    answer = [[5, 17, 33, 2]] * 2
+    default, _ = engine.continuation_logits(batch, answer, SparsityConfig(keep="auto", mode="token", targets="ffn"),
+                                            backend="lean", weights="int4")
+    dense, _ = engine.continuation_logits(batch, answer, None, backend="lean", weights="int4")
+    for got, want in zip(default, dense):
+        assert torch.equal(got, want)

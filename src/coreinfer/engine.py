@@ -649,6 +649,7 @@ class Engine:
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
+        auto_token = sparsity is not None and sparsity.auto and sparsity.token
         sparsity = self.resolve(sparsity)
         if sparsity is not None and sparsity.auto:
             if selector is not None:
@@ -659,6 +660,8 @@ class Engine:
         length = max(len(p) for p in prompts) + width
         with self.lock:
             chosen = self.backend(backend, weights, masked=reference, length=length)
+            if auto_token and chosen.name == "lean" and chosen.weights not in GATHER_FORMATS:
+                sparsity = None  # what the default decodes on int8 or int4 weights: densely (token_pays)
             ids, mask = self.left_pad(prompts)
             session = self.new_session(sparsity, mask, selector)
             first, cache = self.prefill(ids, mask, session)
