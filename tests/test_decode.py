@@ -228,6 +228,7 @@ def test_exact_top_logits_break_the_ties_bf16_rounding_makes():
     rounded = (x @ head.t()).bfloat16()
     assert rounded[0, 3] == rounded[0, 7]  # the tie the bf16 head writes
     fixed = exact_top_logits(rounded, x.bfloat16(), head)
+    assert exact_top_logits(rounded.expand(3, -1), x.bfloat16().expand(3, -1), head).argmax(-1).tolist() == [3] * 3
     assert fixed.dtype == torch.float32 and fixed[0].argmax().item() == 3
     torch.testing.assert_close(fixed[0, [3, 7]], (x @ head.t())[0, [3, 7]])
 
