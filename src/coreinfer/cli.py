@@ -32,7 +32,8 @@ RULE_HELP = ("Selection rule: griffin (default), adaptive (calibrated dense laye
              "coreinfer (the paper's Eq. 1-2), official, magnitude, wina (GRIFFIN over activations x down-projection "
              "column norms) or random.")
 BACKEND_HELP = "Decode backend: auto (lean where the family allows: Llama, Mistral, Qwen2, Qwen3), lean, or reference (the HF modules)."
-WEIGHTS_HELP = "Lean weight format: auto (bf16 on CUDA or a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8."
+WEIGHTS_HELP = ("Lean weight format: auto (int4 for a GGUF on the CPU, the file's own blocks; bf16 on CUDA or a CPU "
+                "with AVX-512 BF16/AMX; else fp32), fp32, bf16, int8 or int4.")
 DATA_DIR_HELP = ("A local copy of the built-in evaluation sets (gsm8k/test.jsonl, wikitext-2/test.txt ...); "
                  "default: $COREINFER_DATA, else the Hugging Face Hub through `datasets` and its cache.")
 
@@ -558,7 +559,7 @@ def bench(
     token_keeps: str = typer.Option("0.7,0.6,0.5", help="Token-level keeps (share of FFN weights read), comma-separated; the last also with the attention thinned."),
     shape: Optional[str] = typer.Option(None, help="Instead: speed only, dense vs token-level (FFN and attention) on random weights at a real shape: llama-3.2-1b or llama-3-8b."),
     shape_keeps: str = typer.Option("0.5", help="--shape: token-level keeps, comma-separated."),
-    weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16 or int8 (default: the engine's default for the device)."),
+    weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16, int8 or int4 (default: the engine's, see --weights of generate); token-level rows need fp32 or bf16 and take fp32 otherwise."),
     quality_items: int = typer.Option(6, min=0, help="GSM8K answers scored teacher-forced for every row's agreement (0 skips)."),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     gguf: Optional[str] = typer.Option(None, help="GGUF for the llama.cpp row (default: the default model's)."),
