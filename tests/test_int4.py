@@ -144,3 +144,13 @@ def test_default_scores_int4_as_it_decodes_it_densely(monkeypatch, tmp_path):
     dense, _ = engine.continuation_logits(batch, answer, None, backend="lean", weights="int4")
     for got, want in zip(default, dense):
         assert torch.equal(got, want)
+
+
+def test_keep_one_on_int4_reproduces_dense_int4():
+    engine = Engine(int4_exact_model(), tokenizer=None)
+    batch, answer = prompts((9, 12), seed=5), [[5, 17, 33, 2]] * 2
+    dense, _ = engine.continuation_logits(batch, answer, None, backend="lean", weights="int4")
+    kept, _ = engine.continuation_logits(batch, answer, SparsityConfig(keep=1.0, layers=(0, 1, 2, 3)),
+                                         backend="lean", weights="int4")
+    for got, want in zip(kept, dense):
+        assert torch.equal(got, want)

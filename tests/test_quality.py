@@ -216,8 +216,8 @@ def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_pat
     answer = "The sky looks blue because air scatters short blue wavelengths of sunlight far more than red ones."
     data.write_text(json.dumps({"prompt": "Why is the sky blue?", "continuation": answer}) + "\n")
     out = tmp_path / "q.json"
-    result = CliRunner().invoke(app, ["quality", "--data", str(data), "--calibration", "1", "--data-items", "1",
-                                      "--json", str(out)])
+    base = ["quality", "--data", str(data), "--calibration", "1", "--data-items", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, [*base, "--weights", "fp32"])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
     assert [r["rule"] for r in rows] == ["dense", "default"]
@@ -225,6 +225,11 @@ def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_pat
     # The default is token-level: one calibrated level per model, no dense warm-up to report apart.
     assert default["mode"] == "token" and 0 < default["keep"] < 1.0 and "warmup" not in default
     assert 0 < default["ffn_density"] < 1.0 and default["ffn_density"] < default["weight_share"] < 1.0
+    # On the default weights (int4 from the GGUF) token-level has no kernel: the default decodes, and scores, dense.
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.output
+    default = json.loads(out.read_text())["rows"][1]
+    assert (default["weights"], default["mode"], default["ffn_density"]) == ("int4", "dense", 1.0)
 
 
 def test_fact_questions_parse_and_match(tmp_path):

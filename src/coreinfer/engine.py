@@ -195,6 +195,12 @@ class SparseSession:
         return sum(fractions) / len(fractions)
 
 
+def reads_rows(backend: DecodeBackend) -> bool:
+    """Whether token-level sparsity runs on ``backend``: the reference backend masks, and the lean
+    one gathers rows of fp32 or bf16 weights, not of int8 or int4 (``decode.weights.GATHER_FORMATS``)."""
+    return backend.name != "lean" or backend.weights in GATHER_FORMATS
+
+
 class Engine:
     """A causal LM wrapped for CoreInfer decoding.
 
@@ -446,6 +452,14 @@ class Engine:
         chosen = replace(sparsity, keep=levels[0])
         return chosen if backend is None or self.token_pays(backend, chosen) else None
 
+    def resolve_scored(self, sparsity: Optional[SparsityConfig], backend: DecodeBackend) -> Optional[SparsityConfig]:
+        """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: ``resolve`` without the
+        speed verdict (the calibrated level, wherever it would decode sparsely), except that token-level
+        auto on weights it cannot read row by row (int8, int4) is what decodes there: dense."""
+        if sparsity is not None and sparsity.auto and sparsity.token and not reads_rows(backend):
+            return None
+        return self.resolve(sparsity)
+
     def token_pays(self, backend: DecodeBackend, sparsity: SparsityConfig) -> bool:
         """Whether token-level decoding at ``sparsity`` is at least ``TOKEN_SPEEDUP`` times as fast as dense
         on ``backend``: measured once per machine, weights and level, and stored beside the calibration.
@@ -455,8 +469,8 @@ class Engine:
         """
         if backend.name != "lean":
             return False  # the reference backend only masks its dense products: it never reads less
-        if backend.weights not in GATHER_FORMATS:
-            return False  # int8 and int4 have no token-level gather (decode.weights.GATHER_FORMATS)
+        if not reads_rows(backend):
+            return False
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
         key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{GATHER_KERNEL}:{backend.weights}:"
@@ -649,7 +663,7 @@ class Engine:
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
-        auto_token = sparsity is not None and sparsity.auto and sparsity.token
+        original = sparsity
         sparsity = self.resolve(sparsity)
         if sparsity is not None and sparsity.auto:
             if selector is not None:
@@ -660,8 +674,7 @@ class Engine:
         length = max(len(p) for p in prompts) + width
         with self.lock:
             chosen = self.backend(backend, weights, masked=reference, length=length)
-            if auto_token and chosen.name == "lean" and chosen.weights not in GATHER_FORMATS:
-                sparsity = None  # what the default decodes on int8 or int4 weights: densely (token_pays)
+            sparsity = self.resolve_scored(original, chosen)
             ids, mask = self.left_pad(prompts)
             session = self.new_session(sparsity, mask, selector)
             first, cache = self.prefill(ids, mask, session)

@@ -437,7 +437,7 @@ def evaluate(
                 logits, density, share = dense_logits, 1.0, 1.0
             elif config.rule == DEFAULT and default_sparsity(config).token:
                 # Token-level auto is one calibrated level per model and quality target.
-                sparsity = engine.resolve(default_sparsity(config))
+                sparsity = engine.resolve_scored(default_sparsity(config), chosen)
                 logits, density, share = score_shares(engine, pre, sparsity, None, chosen)
                 keeps[config].append(sparsity.keep if sparsity is not None else 1.0)
             elif config.rule == DEFAULT:
@@ -459,7 +459,8 @@ def evaluate(
     for row, config in zip(rows, configs):
         if config.rule == DEFAULT:
             row["keep"] = sum(keeps[config]) / len(keeps[config])  # the mean keep chosen
-            row["mode"] = default_sparsity(config).mode
+            # What scored: token-level auto on int8/int4 weights scores dense (Engine.resolve_scored).
+            row["mode"] = default_sparsity(config).mode if row["keep"] < 1.0 or not default_sparsity(config).token else "dense"
         if config.rule == DEFAULT and not default_sparsity(config).token:
             # the answer's first `warmup` tokens are dense by design, so the sparse part is also reported on its own
             row["warmup"] = default_sparsity(config).warmup

@@ -13,6 +13,7 @@ rope); a matrix that does not match is not used.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -127,7 +128,11 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: dict[str, torch.T
             return _load(cache, dtype)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache: read the GGUF again
-    found = _read(path, hf_model, wanted, dtype)
+    try:
+        found = _read(path, hf_model, wanted, dtype)
+    except (OSError, ValueError) as err:  # a file transformers read but gguf-py cannot: no blocks, bf16 throughout
+        warnings.warn(f"int4: could not read the blocks of {path} ({err}); its matrices stay in bf16")
+        return {}
     if cache is not None:
         _save(found, cache)
     return found
