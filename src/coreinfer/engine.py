@@ -467,10 +467,8 @@ class Engine:
         Reading fewer weights only pays where the gathered kernel reads them near the memory's speed; on
         some CPUs ``embedding_bag`` does not, and a default slower than dense would be no default.
         """
-        if backend.name != "lean":
-            return False  # the reference backend only masks its dense products: it never reads less
-        if not reads_rows(backend):
-            return False
+        if backend.name != "lean" or not reads_rows(backend):
+            return False  # the reference backend only masks its dense products; int8/int4 have no row gather
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
         key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{GATHER_KERNEL}:{backend.weights}:"

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from ..token_sparsity import group_index
 from .gguf_blocks import gguf_int4_weights
 from .weights import (
-    GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, cpu_has_native_bf16, alignment, cat_rows, gather_parts, gathered_linear, linear,
-    nbytes, padded, quantize, rows_padded, take_cols,
+    GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, cpu_has_native_bf16,
+    gather_parts, gathered_linear, linear, nbytes, padded, quantize, rows_padded, take_cols,
 )
 
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
@@ -107,7 +107,9 @@ class LeanModel:
         self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
         self.act = _mlp(hf_model.model.layers[0]).act_fn
         # int4 from a GGUF: the file's own blocks where they hold a matrix exactly, bf16 where they cannot.
-        self._gguf = gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.dtype, gguf_cache) if weights == "int4" and gguf else None
+        # (Held only while the matrices are built: _matrix and _fused read it.)
+        self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.dtype, gguf_cache)
+                      if weights == "int4" and gguf else None)
         self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
         self.norm = self._norm(hf_model.model.norm)
         tied = hf_model.get_output_embeddings().weight is hf_model.model.embed_tokens.weight
@@ -153,9 +155,9 @@ class LeanModel:
         )
 
     def _matrix(self, name: str, weight: torch.Tensor) -> Weight:
-        """One matrix in this model's format: from a GGUF's blocks where read, in fp32 where a GGUF
-        holds it in a type int4 cannot (Q6_K, F16; bf16 there: the activations are bf16), else
-        quantised from the loaded weight."""
+        """One matrix in this model's format: from a GGUF's blocks where read, in the activation dtype
+        (bf16) where the GGUF holds it in a type int4 cannot (Q6_K, F16), else quantised from the
+        loaded weight."""
         if self._gguf is None:
             return quantize(weight, self.weights)
         return self._gguf[name] if name in self._gguf else _c(weight, self.dtype)
