@@ -661,9 +661,7 @@ class Engine:
             raise ValueError("need one continuation per prompt")
         if any(len(c) == 0 for c in continuations):
             raise ValueError("a continuation is empty")
-        original = sparsity
-        sparsity = self.resolve(sparsity)
-        if sparsity is not None and sparsity.auto:
+        if sparsity is not None and sparsity.auto and not sparsity.token:  # sentence-level auto: chosen per item
             if selector is not None:
                 raise ValueError('keep="auto" chooses the keep itself; it does not take a custom selector')
             scored = [self.auto_continuation_logits(p, c, sparsity, backend, weights) for p, c in zip(prompts, continuations)]
@@ -672,7 +670,7 @@ class Engine:
         length = max(len(p) for p in prompts) + width
         with self.lock:
             chosen = self.backend(backend, weights, masked=reference, length=length)
-            sparsity = self.resolve_scored(original, chosen)
+            sparsity = self.resolve_scored(sparsity, chosen)  # token-level auto: one calibrated level
             ids, mask = self.left_pad(prompts)
             session = self.new_session(sparsity, mask, selector)
             first, cache = self.prefill(ids, mask, session)

@@ -88,7 +88,7 @@ READERS: dict[str, tuple[int, int, Callable[[np.ndarray], Blocks]]] = {
 def int4_from_gguf_tensor(kind: str, raw: np.ndarray, rows: int, cols: int,
                           dtype: torch.dtype = torch.bfloat16) -> Optional[Int4Weight]:
     """One GGUF matrix (``[rows, cols]`` in nn.Linear's layout) as an ``Int4Weight``; None for other types."""
-    if kind not in READERS or cols % INT4_GROUP or rows % 16:
+    if kind not in READERS or not int4_fits(rows, cols):
         return None
     block_bytes, _, read = READERS[kind]
     q, scale, offset, bits = read(np.ascontiguousarray(raw).reshape(-1, block_bytes))
@@ -215,4 +215,4 @@ def _reproduces(weight: Int4Weight, reference: torch.Tensor) -> bool:
     return bool(error <= 1e-5 * reference.abs().max().clamp(min=1e-30))
 
 
-__all__ = ["READERS", "gguf_int4_weights", "int4_from_gguf_tensor", "int4_fits"]
+__all__ = ["READERS", "gguf_int4_weights", "int4_from_gguf_tensor"]

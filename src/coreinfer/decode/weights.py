@@ -122,7 +122,7 @@ class Int4Weight:
     One plane holds a 4-bit format exactly: GGUF's Q4_0, Q4_1 and Q4_K, or a checkpoint rounded to
     nearest. A wider integer format is split into 4-bit planes (code = code_0 + 16 code_1: GGUF's
     Q5_0, Q5_1 and Q8_0), so the same kernel reads it exactly, at 4 bits per plane. ``codes`` keeps
-    two codes per byte in row order, so rows can be gathered; ``packed`` is the CPU kernel's own
+    two codes per byte in row order, so rows can be gathered; ``kernel()`` is the CPU kernel's own
     layout of the same codes (it interleaves blocks of rows).
     """
 
@@ -173,7 +173,7 @@ class Int4Weight:
         out_features, in_features = self.shape
         w = torch.zeros(out_features, in_features // self.group, self.group, device=self.codes[0].device)
         for codes, scale_zeros in zip(self.codes, self.scale_zeros):
-            code = torch.stack([codes & 15, codes >> 4], dim=-1).view(out_features, -1, self.group).float()
+            code = _unpack(codes).view(out_features, -1, self.group).float()
             w += (code - 8) * scale_zeros[..., 0].t()[..., None] + scale_zeros[..., 1].t()[..., None]
         return w.view(out_features, in_features)
 
@@ -196,9 +196,13 @@ class Int4Weight:
         return sum(c.numel() + sz.numel() * self.dtype.itemsize for c, sz in zip(self.codes, self.scale_zeros))
 
 
+def _unpack(codes: torch.Tensor) -> torch.Tensor:
+    """``[out, in / 2]`` bytes as ``[out, in]`` codes (low nibble first)."""
+    return torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
+
+
 def _int4_pack(codes: torch.Tensor) -> torch.Tensor:
-    unpacked = torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
-    return torch._convert_weight_to_int4pack_for_cpu(unpacked.to(torch.int32), 1)
+    return torch._convert_weight_to_int4pack_for_cpu(_unpack(codes).to(torch.int32), 1)
 
 
 def _cat_int4(parts: list[Int4Weight]) -> Int4Weight:
@@ -213,9 +217,9 @@ def _cat_int4(parts: list[Int4Weight]) -> Int4Weight:
     return Int4Weight(codes, scale_zeros, parts[0].group, parts[0].dtype)
 
 
-def int4_fits(w: torch.Tensor, group: int = INT4_GROUP) -> bool:
+def int4_fits(rows: int, cols: int, group: int = INT4_GROUP) -> bool:
     """The CPU kernel needs whole groups per row and output rows in multiples of 16."""
-    return w.dim() == 2 and w.shape[1] % group == 0 and w.shape[0] % 16 == 0
+    return cols % group == 0 and rows % 16 == 0
 
 
 Weight = Union[torch.Tensor, Int8Weight, Int4Weight]
@@ -234,7 +238,7 @@ def quantize(w: torch.Tensor, weights: str) -> Weight:
     dtype = activation_dtype(weights)
     if weights == "int8":
         return Int8Weight.quantize(w, dtype)
-    if weights == "int4" and int4_fits(w):
+    if weights == "int4" and w.dim() == 2 and int4_fits(*w.shape):
         return Int4Weight.quantize(w, dtype=dtype)
     return w.detach().to(dtype).contiguous()
 
