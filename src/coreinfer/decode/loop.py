@@ -227,6 +227,16 @@ def generate(
     decode_s = time.perf_counter() - start
     tracker.finish()
 
+    results = results_for(engine, backend, seqs, session, prefill_s, select_s, decode_s, keep)
+    if auto:
+        for result in results:
+            result.dense_tokens = min(sparsity.warmup, result.new_tokens)
+    return results
+
+
+def results_for(engine, backend: DecodeBackend, seqs: Sequence[_Sequence], session, prefill_s: float,
+                select_s: float, decode_s: float, keep: Optional[float]) -> list[GenerationResult]:
+    """Each finished sequence's ``GenerationResult``, with the weights its session read."""
     mode = "dense" if session is None else session.mode
     return [
         GenerationResult(
@@ -243,7 +253,6 @@ def generate(
             keep=keep,
             backend=backend.name,
             weights=backend.weights,
-            dense_tokens=min(sparsity.warmup, len(s.ids)) if auto else 0,
             mode=mode,
         )
         for row, s in enumerate(seqs)

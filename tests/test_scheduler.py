@@ -1,0 +1,192 @@
+"""Continuous batching: concurrent requests decode in shared steps and get what each would get alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from coreinfer import Engine, SamplingConfig, SparsityConfig
+from coreinfer.scheduler import Cancelled, QueueFull, QueueTimeout, Scheduler
+
+from conftest import prompts, tiny_model
+
+LEAN_ARCHS = ("llama", "qwen2", "gemma3_text")  # plain, with q/k/v biases, with sliding windows
+
+
+def engine_for(arch: str) -> Engine:
+    return Engine(tiny_model(arch), tokenizer=None, name=f"tiny-{arch}", weights="fp32", backend="lean")
+
+
+def alone(engine: Engine, prompt, sparsity=None, sampling=SamplingConfig(max_new_tokens=12)):
+    return engine.generate_ids([prompt], sparsity, sampling, ignore_eos=False)[0]
+
+
+def staggered(scheduler: Scheduler, requests, delay_s: float = 0.0):
+    """Submit ``requests`` (prompt, sparsity, sampling) one after another; wait for all."""
+    subs = []
+    for prompt, sparsity, sampling in requests:
+        subs.append(scheduler.submit([prompt], sparsity, sampling))
+        time.sleep(delay_s)
+    return [sub.wait(60)[0] for sub in subs]
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_concurrent_dense_greedy_equals_alone(arch):
+    engine = engine_for(arch)
+    ps = prompts((9, 5, 12, 3, 7))
+    sampling = SamplingConfig(max_new_tokens=12)
+    expected = [alone(engine, p, None, sampling).token_ids for p in ps]
+    scheduler = Scheduler(engine, max_batch=8)
+    try:
+        got = staggered(scheduler, [(p, None, sampling) for p in ps])
+    finally:
+        scheduler.close()
+    assert [r.token_ids for r in got] == expected
+    assert all(r.backend == "lean" for r in got)
+    assert scheduler.peak >= 3  # they did share steps
+
+
+def test_joining_midway_changes_nobody_elses_tokens():
+    engine = engine_for("llama")
+    long_prompt, late = prompts((4,))[0], prompts((30,), seed=5)[0]  # the latecomer's prompt is longer
+    sampling = SamplingConfig(max_new_tokens=40)
+    expected = alone(engine, long_prompt, None, sampling).token_ids
+    expected_late = alone(engine, late, None, SamplingConfig(max_new_tokens=8)).token_ids
+    seen = []
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        first = scheduler.submit([long_prompt], None, sampling, on_token=lambda e: seen.append(e))
+        while len(seen) < 10:  # the first request is decoding when the second arrives
+            time.sleep(0.001)
+        second = scheduler.submit([late], None, SamplingConfig(max_new_tokens=8))
+        assert second.wait(60)[0].token_ids == expected_late
+        assert first.wait(60)[0].token_ids == expected
+    finally:
+        scheduler.close()
+
+
+def test_mixed_sparsity_and_sampling_each_as_alone():
+    engine = engine_for("llama")
+    ps = prompts((9, 5, 12, 6))
+    greedy = SamplingConfig(max_new_tokens=10)
+    sampled = SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    requests = [
+        (ps[0], None, greedy),
+        (ps[1], SparsityConfig(keep=0.5), greedy),  # sentence-level: its own compact weights
+        (ps[2], None, sampled),
+        (ps[3], SparsityConfig(keep=0.5), sampled),
+    ]
+    expected = [alone(engine, p, s, m) for p, s, m in requests]
+    scheduler = Scheduler(engine, max_batch=8)
+    try:
+        got = staggered(scheduler, requests)
+    finally:
+        scheduler.close()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.ffn_density for r in got] == pytest.approx([r.ffn_density for r in expected])
+    assert got[1].ffn_density < 1.0 and got[1].mode == "sentence"
+    assert scheduler.peak >= 2
+
+
+def test_token_level_under_concurrency_counts_each_request(monkeypatch, tmp_path):
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    engine = engine_for("llama")
+    ps = prompts((9, 5, 12))
+    engine.token_profile(ps, [p[::-1] * 2 for p in ps], progress=False)
+    sparsity = SparsityConfig(keep=0.6, mode="token")
+    sampling = SamplingConfig(max_new_tokens=10)
+    expected = [alone(engine, p, sparsity, sampling) for p in ps]
+    scheduler = Scheduler(engine, max_batch=8)
+    try:
+        got = staggered(scheduler, [(p, sparsity, sampling) for p in ps])
+    finally:
+        scheduler.close()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.ffn_density for r in got] == pytest.approx([r.ffn_density for r in expected], rel=1e-6)
+    assert all(r.mode == "token" and r.ffn_density < 1.0 for r in got)
+    assert scheduler.peak >= 2
+
+
+def test_several_prompts_in_one_submission_equal_generate_ids():
+    engine = engine_for("llama")
+    ps = prompts((9, 5, 12))
+    sampling = SamplingConfig(max_new_tokens=10)
+    expected = engine.generate_ids(ps, None, sampling)
+    scheduler = Scheduler(engine, max_batch=2)  # more sequences than max_batch: runs when alone
+    try:
+        got = scheduler.generate(ps, None, sampling, timeout=60)
+    finally:
+        scheduler.close()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_cancel_frees_the_slot():
+    engine = engine_for("llama")
+    scheduler = Scheduler(engine, max_batch=1)
+    try:
+        endless = scheduler.submit([prompts((5,))[0]], None, SamplingConfig(max_new_tokens=200))
+        endless.admitted.wait(10)
+        waiting = scheduler.submit([prompts((6,))[0]], None, SamplingConfig(max_new_tokens=3))
+        time.sleep(0.05)
+        assert not waiting.admitted.is_set()  # the only slot is taken
+        endless.cancel()
+        with pytest.raises(Cancelled):
+            endless.wait(10)
+        assert len(waiting.wait(30)[0].token_ids) == 3
+        assert scheduler.active == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_callback_that_raises_cancels_only_its_request():
+    engine = engine_for("llama")
+    scheduler = Scheduler(engine, max_batch=4)
+
+    def hang_up(event):
+        raise RuntimeError("client went away")
+
+    sampling = SamplingConfig(max_new_tokens=8)
+    try:
+        bad = scheduler.submit([prompts((5,))[0]], None, SamplingConfig(max_new_tokens=50), on_token=hang_up)
+        good = scheduler.submit([prompts((7,))[0]], None, sampling)
+        with pytest.raises(Cancelled):
+            bad.wait(30)
+        assert good.wait(30)[0].token_ids == alone(engine, prompts((7,))[0], None, sampling).token_ids
+    finally:
+        scheduler.close()
+
+
+def test_queue_limit_and_timeout():
+    engine = engine_for("llama")
+    scheduler = Scheduler(engine, max_batch=1, max_queue=1, queue_timeout=0.3)
+    try:
+        busy = scheduler.submit([prompts((5,))[0]], None, SamplingConfig(max_new_tokens=250))
+        busy.admitted.wait(10)
+        queued = scheduler.submit([prompts((6,))[0]], None, SamplingConfig(max_new_tokens=3))
+        with pytest.raises(QueueFull) as full:
+            scheduler.submit([prompts((7,))[0]], None, SamplingConfig(max_new_tokens=3))
+        assert full.value.retry_after >= 1
+        with pytest.raises(QueueTimeout, match="waited"):
+            queued.wait(30)
+        busy.cancel()
+    finally:
+        scheduler.close()
+
+
+def test_bad_submissions_are_refused_clearly():
+    engine = engine_for("llama")
+    with pytest.raises(ValueError, match="max_batch"):
+        Scheduler(engine, max_batch=0)
+    scheduler = Scheduler(engine)
+    try:
+        with pytest.raises(ValueError, match="at least one token"):
+            scheduler.submit([[]])
+        too_long = scheduler.submit([[1] * 10], None, SamplingConfig(max_new_tokens=1000))
+        with pytest.raises(ValueError, match="decodes at most"):
+            too_long.wait(30)
+        assert scheduler.generate([[3, 4]], None, SamplingConfig(max_new_tokens=2), timeout=30)[0].new_tokens == 2
+    finally:
+        scheduler.close()
