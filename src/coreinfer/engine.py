@@ -35,7 +35,7 @@ from .decode.lean import LeanBackend, LeanModel
 from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
-from .decode.weights import GATHER_FORMATS, GATHER_KERNEL, check_weights, default_weights
+from .decode.weights import check_weights, default_weights, gather_kernel, gathers
 from .loading import cache_root, gguf_int4_cache
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
@@ -197,8 +197,9 @@ class SparseSession:
 
 def reads_rows(backend: DecodeBackend) -> bool:
     """Whether token-level sparsity runs on ``backend``: the reference backend masks, and the lean
-    one gathers rows of fp32 or bf16 weights, not of int8 or int4 (``decode.weights.GATHER_FORMATS``)."""
-    return backend.name != "lean" or backend.weights in GATHER_FORMATS
+    one gathers rows of fp32 or bf16 weights, and of int4 ones on a CPU where coreinfer's int4 kernel
+    builds, not of int8 (``decode.weights.gathers``)."""
+    return backend.name != "lean" or gathers(backend.weights, backend.model.device)
 
 
 class Engine:
@@ -455,7 +456,8 @@ class Engine:
     def resolve_scored(self, sparsity: Optional[SparsityConfig], backend: DecodeBackend) -> Optional[SparsityConfig]:
         """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: ``resolve`` without the
         speed verdict (the calibrated level, wherever it would decode sparsely), except that token-level
-        auto on weights it cannot read row by row (int8, int4) is what decodes there: dense."""
+        auto on weights it cannot read row by row (int8; int4 where its kernel does not build) is what
+        decodes there: dense."""
         if sparsity is not None and sparsity.auto and sparsity.token and not reads_rows(backend):
             return None
         return self.resolve(sparsity)
@@ -468,10 +470,10 @@ class Engine:
         some CPUs ``embedding_bag`` does not, and a default slower than dense would be no default.
         """
         if backend.name != "lean" or not reads_rows(backend):
-            return False  # the reference backend only masks its dense products; int8/int4 have no row gather
+            return False  # the reference backend only masks its dense products; int8 has no row gather
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
-        key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{GATHER_KERNEL}:{backend.weights}:"
+        key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{gather_kernel(backend.weights)}:{backend.weights}:"
                f"{sparsity.targets}:{sparsity.keep:g}")
         if self._token_speed is None:  # read once per engine, not per request
             try:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..token_sparsity import group_index
+from . import int4_gather
 from .gguf_blocks import gguf_int4_weights
 from .weights import (
     GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, cpu_has_native_bf16,
@@ -72,10 +73,11 @@ class CompactLayer:
 @dataclass
 class TokenLayer:
     """One layer's token-level decode: a threshold per input and, where it is above 0, the
-    matrices reading that input in the gather layout (``GatherWeight``: a kept input's weights contiguous)."""
+    matrices reading that input in a gather layout, a kept input's weights contiguous: ``GatherWeight``
+    for fp32 and bf16, ``int4_gather.Int4Gather`` for int4. An input left out is read densely (and counted so)."""
 
     thresholds: dict[str, float]
-    gathered: dict[str, GatherWeight]
+    gathered: dict[str, "GatherWeight | int4_gather.Int4Gather"]
 
 
 class LeanModel:
@@ -219,8 +221,14 @@ class LeanModel:
                 if threshold <= 0:
                     continue
                 weight = getattr(layer, TOKEN_WEIGHTS[group])
-                if isinstance(weight, (Int8Weight, Int4Weight)):
-                    raise ValueError(f"token-level sparsity on the lean backend needs fp32 or bf16 weights, not {self.weights}")
+                if isinstance(weight, Int8Weight) or (isinstance(weight, Int4Weight) and not int4_gather.available()):
+                    raise ValueError("token-level sparsity on the lean backend needs fp32, bf16 or (on a CPU with "
+                                     f"AVX2, where coreinfer's int4 kernel builds) int4 weights, not {self.weights}")
+                if isinstance(weight, Int4Weight):
+                    layout = weight.gathered()  # built once per matrix, kept by the matrix itself
+                    if layout is not None:
+                        gathered[group] = layout
+                    continue
                 key = (index, group)
                 if key not in self._gathered:
                     self._gathered[key] = GatherWeight.of(weight, gather_parts(self.device))
@@ -326,7 +334,11 @@ def _project(x: torch.Tensor, w: Weight, group: str, index: int, step: "_Step") 
         if token is not None:
             step.session.count(index, group_index(group), [x.shape[-1]] * x.shape[0])
         return linear(x, w)
-    out, kept = gathered_linear(x, token.gathered[group], token.thresholds[group])
+    layout = token.gathered[group]
+    if isinstance(layout, int4_gather.Int4Gather):
+        out, kept = int4_gather.gathered_mm(x, layout, token.thresholds[group])
+    else:
+        out, kept = gathered_linear(x, layout, token.thresholds[group])
     step.session.count(index, group_index(group), kept)
     return out
 

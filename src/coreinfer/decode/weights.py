@@ -21,13 +21,29 @@ from typing import Optional, Union
 import torch
 from torch.nn import functional as F
 
+from . import int4_gather
+
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # weights per scale and offset: GGUF's Q4_0/Q4_1 blocks and Q4_K's sub-blocks
 INT8_ALIGN = 16
 GATHER_KERNEL = "embedding_bag-blocks"  # what gathered_linear runs; names measured speed verdicts
-# Formats token-level sparsity can read row by row. A packed int4 group (or an int8 row with one scale)
-# spans inputs a token keeps and drops, and the stock kernels take whole matrices.
+# Formats token-level sparsity reads row by row with stock kernels (gathered_linear). int4 does too
+# on a CPU where coreinfer's own kernel builds (decode.int4_gather; see gathers); int8 does not: its
+# stock kernel takes whole matrices.
 GATHER_FORMATS = ("fp32", "bf16")
+
+
+def gathers(weights: str, device: torch.device) -> bool:
+    """Whether token-level sparsity reads only the kept inputs' weights in this format on ``device``:
+    fp32 and bf16 everywhere (``gathered_linear``), int4 on a CPU where ``int4_gather`` builds."""
+    if weights in GATHER_FORMATS:
+        return True
+    return weights == "int4" and device.type == "cpu" and int4_gather.available()
+
+
+def gather_kernel(weights: str) -> str:
+    """The name of the kernel token-level products run in this format (speed verdicts are kept per kernel)."""
+    return int4_gather.KERNEL if weights == "int4" else GATHER_KERNEL
 
 
 def cpu_has_native_bf16() -> bool:
@@ -134,6 +150,9 @@ class Int4Weight:
     # codes and the scales in the activation dtype (bf16: rounded from fp32). Made on first use, so
     # the parts of a stacked matrix (gate and up rows of a compact FFN) are never packed alone.
     _kernel: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+    # The same codes input-major for token-level products (int4_gather.Int4Gather), made on first use.
+    _gather: Optional[int4_gather.Int4Gather] = None
+    _gather_tried: bool = False
 
     @classmethod
     def from_integers(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
@@ -154,6 +173,15 @@ class Int4Weight:
         if self._kernel is None:
             self._kernel = [(_int4_pack(c), sz.to(self.dtype)) for c, sz in zip(self.codes, self.scale_zeros)]
         return self._kernel
+
+    def gathered(self) -> Optional[int4_gather.Int4Gather]:
+        """This matrix in ``int4_gather``'s input-major layout, built once on first use; None where the
+        kernel is unavailable, the matrix is not on the CPU, or a scale does not fit fp16."""
+        if not self._gather_tried:
+            self._gather_tried = True
+            if self.group == int4_gather.GROUP and self.codes[0].device.type == "cpu" and int4_gather.available():
+                self._gather = int4_gather.Int4Gather.of(self.codes, self.scale_zeros)
+        return self._gather
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16) -> "Int4Weight":

@@ -1,0 +1,200 @@
+// Token-level gathered int4 product on the CPU (AVX2 + FMA + F16C): y = W[:, keep] @ x[keep],
+// keep = |x| > threshold per sequence, reading only the kept inputs' weights.
+//
+// The weight is stored input-major (see int4_gather.py): for each plane p and input n, the codes of
+// all (padded) outputs are contiguous, 64 outputs per 32 bytes. In a 64-output block, 32-bit word l
+// (0..7) holds outputs 8k + l in its nibble k (0..7), so the eight outputs 8k..8k+7 come out of one
+// 256-bit load with an AND (code << 4k, which converts to float exactly; the power of 16 is undone
+// once per group) -- no byte shuffles. Scales and mins (w = s * code + m) are fp16, [P, in/32, out].
+//
+// y[b, r] = sum_p sum_g  s[p,g,r] * sum_{n in keep_b, g} x[b,n] code[p,n,r]  +  m[p,g,r] * sum_{n in keep_b, g} x[b,n]
+//
+// fp32 accumulation; at::parallel_for over 64-output blocks.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int GROUP = 32;
+constexpr int BLOCK = 64;          // outputs per 32-byte block
+
+struct Kept {
+  std::vector<int32_t> index;    // kept inputs, in order
+  std::vector<float> value;
+  std::vector<int32_t> start;    // [G + 1]: each group's first entry in index
+  std::vector<float> sum;        // [G]: sum of the kept inputs of each group
+};
+
+template <typename T>
+void select(const T* x, int64_t in, double threshold, Kept& kept) {
+  const int64_t groups = in / GROUP;
+  kept.index.clear();
+  kept.value.clear();
+  kept.index.reserve(in);
+  kept.value.reserve(in);
+  kept.start.assign(groups + 1, 0);
+  kept.sum.assign(groups, 0.f);
+  const float t = static_cast<float>(threshold);
+  const bool all = threshold < 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    kept.start[g] = static_cast<int32_t>(kept.index.size());
+    float s = 0.f;
+    for (int64_t n = g * GROUP; n < (g + 1) * GROUP; ++n) {
+      const float v = static_cast<float>(x[n]);
+      if (all || std::fabs(v) > t) {
+        kept.index.push_back(static_cast<int32_t>(n));
+        kept.value.push_back(v);
+        s += v;
+      }
+    }
+    kept.sum[g] = s;
+  }
+  kept.start[groups] = static_cast<int32_t>(kept.index.size());
+}
+
+inline __m256 load_halves(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+int tile_blocks = 16;   // 64-output blocks per tile: 1024 outputs, a 4 KB accumulator, 512 bytes of each kept row
+int prefetch_rows = 1;  // prefetch the next rows' tile bytes while summing these
+
+// Nibble q (0..7) of every 32-bit word of v, as floats times 16^q (q = 7: shifted down, times 1).
+template <int Q>
+inline __m256 nibble(__m256i v) {
+  if constexpr (Q == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+  else return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * Q))));
+}
+
+// acc[0 .. 64 * blocks) += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes).
+template <int N>
+inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, int64_t blocks) {
+  __m256 xv[N];
+  for (int i = 0; i < N; ++i) xv[i] = _mm256_set1_ps(x[i]);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m256i v[N];
+    for (int i = 0; i < N; ++i) v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + blk * 32));
+    float* a = acc + blk * 64;
+#define CI_NIBBLE(Q)                                                        \
+    {                                                                       \
+      __m256 s = _mm256_loadu_ps(a + 8 * Q);                                \
+      for (int i = 0; i < N; ++i) s = _mm256_fmadd_ps(xv[i], nibble<Q>(v[i]), s); \
+      _mm256_storeu_ps(a + 8 * Q, s);                                       \
+    }
+    CI_NIBBLE(0) CI_NIBBLE(1) CI_NIBBLE(2) CI_NIBBLE(3) CI_NIBBLE(4) CI_NIBBLE(5) CI_NIBBLE(6) CI_NIBBLE(7)
+#undef CI_NIBBLE
+  }
+}
+
+// Blocks [block_begin, block_end) of every sequence's output, into out (fp32, [B, outp]).
+void run_blocks(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t planes, int64_t in,
+                int64_t outp, const std::vector<Kept>& kept, float* out, int64_t block_begin, int64_t block_end) {
+  const int64_t groups = in / GROUP;
+  const int64_t row_bytes = outp / 2;
+  const int64_t batch = static_cast<int64_t>(kept.size());
+  const int64_t tb = std::max(1, tile_blocks);
+  std::vector<float> acc_buffer(tb * BLOCK + 16);
+  float* acc = acc_buffer.data();
+  const float inv16[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
+  for (int64_t tile = block_begin; tile < block_end; tile += tb) {
+    const int64_t blocks = std::min(tile + tb, block_end) - tile;
+    for (int64_t p = 0; p < planes; ++p) {
+      const uint8_t* tile_codes = codes + p * in * row_bytes + tile * 32;
+      for (int64_t g = 0; g < groups; ++g) {
+        const at::Half* s_row = scales + (p * groups + g) * outp + tile * BLOCK;
+        const at::Half* m_row = mins + (p * groups + g) * outp + tile * BLOCK;
+        for (int64_t b = 0; b < batch; ++b) {
+          const Kept& k = kept[b];
+          const int32_t first = k.start[g], last = k.start[g + 1];
+          if (first == last) continue;  // nothing kept in this group: it adds nothing
+          std::fill(acc, acc + blocks * BLOCK, 0.f);
+          const uint8_t* rows[4];
+          int32_t e = first;
+          for (; e < last; e += 4) {
+            const int n = std::min<int32_t>(4, last - e);
+            for (int i = 0; i < n; ++i) rows[i] = tile_codes + k.index[e + i] * row_bytes;
+            if (prefetch_rows) {
+              const int32_t stop = std::min<int32_t>(e + 8, k.start[groups]);
+              for (int32_t f = e + 4; f < stop; ++f) {
+                const uint8_t* row = tile_codes + k.index[f] * row_bytes;
+                for (int64_t off = 0; off < blocks * 32; off += 64)
+                  _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
+              }
+            }
+            const float* x = k.value.data() + e;
+            switch (n) {
+              case 4: accumulate<4>(acc, rows, x, blocks); break;
+              case 3: accumulate<3>(acc, rows, x, blocks); break;
+              case 2: accumulate<2>(acc, rows, x, blocks); break;
+              default: accumulate<1>(acc, rows, x, blocks); break;
+            }
+          }
+          const __m256 xs = _mm256_set1_ps(k.sum[g]);
+          float* y_tile = out + b * outp + tile * BLOCK;
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            for (int q = 0; q < 8; ++q) {
+              const int64_t r = blk * BLOCK + 8 * q;
+              const __m256 s = _mm256_mul_ps(load_halves(s_row + r), _mm256_set1_ps(inv16[q]));
+              __m256 y = _mm256_loadu_ps(y_tile + r);
+              y = _mm256_fmadd_ps(s, _mm256_loadu_ps(acc + r), y);
+              y = _mm256_fmadd_ps(load_halves(m_row + r), xs, y);
+              _mm256_storeu_ps(y_tile + r, y);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x [B, in] (fp32 or bf16); codes [P, in, outp / 2] uint8; scales, mins [P, in / 32, outp] fp16.
+// Returns y [B, out_features] in x's dtype and the number of inputs kept per sequence.
+// threshold < 0 keeps every input (the dense product).
+std::tuple<at::Tensor, std::vector<int64_t>> gather_mm(const at::Tensor& x, const at::Tensor& codes,
+                                                       const at::Tensor& scales, const at::Tensor& mins,
+                                                       int64_t out_features, double threshold) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [B, in] matrix");
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes: [P, in, outp/2] uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  mins.is_contiguous(), "scales and mins: contiguous fp16");
+  const int64_t batch = x.size(0), in = x.size(1), planes = codes.size(0), outp = codes.size(2) * 2;
+  TORCH_CHECK(codes.size(1) == in && in % GROUP == 0 && outp % BLOCK == 0 && out_features <= outp, "shapes");
+  TORCH_CHECK(scales.size(0) == planes && scales.size(1) == in / GROUP && scales.size(2) == outp, "scale shape");
+  std::vector<Kept> kept(batch);
+  std::vector<int64_t> counts(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    if (x.scalar_type() == at::kBFloat16)
+      select(x.data_ptr<at::BFloat16>() + b * in, in, threshold, kept[b]);
+    else if (x.scalar_type() == at::kFloat)
+      select(x.data_ptr<float>() + b * in, in, threshold, kept[b]);
+    else
+      TORCH_CHECK(false, "x must be fp32 or bf16");
+    counts[b] = static_cast<int64_t>(kept[b].index.size());
+  }
+  at::Tensor acc = at::zeros({batch, outp}, x.options().dtype(at::kFloat));
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* m = mins.data_ptr<at::Half>();
+  float* a = acc.data_ptr<float>();
+  const int64_t blocks = outp / BLOCK;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    run_blocks(c, s, m, planes, in, outp, kept, a, begin, end);
+  });
+  at::Tensor y = out_features == outp ? acc : acc.narrow(1, 0, out_features);
+  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  else if (out_features != outp) y = y.contiguous();
+  return {y, counts};
+}
+
+// Tuning knobs for measurement (not part of the product's interface).
+void set_tuning(int64_t blocks, int64_t prefetch) {
+  tile_blocks = static_cast<int>(blocks);
+  prefetch_rows = static_cast<int>(prefetch);
+}
