@@ -161,7 +161,7 @@ def test_a_callback_that_raises_cancels_only_its_request():
 
 def test_queue_limit_and_timeout():
     engine = engine_for("llama")
-    scheduler = Scheduler(engine, max_batch=1, max_queue=1, queue_timeout=0.3)
+    scheduler = Scheduler(engine, max_batch=1, max_queue=1, queue_timeout=0.05)
     try:
         busy = scheduler.submit([prompts((5,))[0]], None, SamplingConfig(max_new_tokens=250))
         busy.admitted.wait(10)
@@ -190,3 +190,62 @@ def test_bad_submissions_are_refused_clearly():
         assert scheduler.generate([[3, 4]], None, SamplingConfig(max_new_tokens=2), timeout=30)[0].new_tokens == 2
     finally:
         scheduler.close()
+
+
+# The server's side: limits answered over HTTP
+
+
+def tiny_server(**limits):
+    from conftest import tiny_tokenizer
+
+    from coreinfer.server import ServerSettings, create_app, serve_in_thread
+
+    engine = Engine(tiny_model("llama"), tokenizer=tiny_tokenizer(), name="tiny", weights="fp32", backend="lean")
+    settings = ServerSettings(keep=1.0, max_tokens=4, max_tokens_limit=400, **limits)
+    return serve_in_thread(create_app(engine, settings))
+
+
+def long_stream(http, url):
+    body = {"prompt": "w5 w6 w7", "max_tokens": 240, "stream": True, "dense": True}  # no end-of-text before 240
+    return http.stream("POST", f"{url}/v1/completions", json=body)
+
+
+def test_server_answers_429_with_retry_after_past_the_queue():
+    import httpx
+
+    with tiny_server(max_batch=1, max_queue=0) as url, httpx.Client(timeout=60) as http:
+        with long_stream(http, url) as busy:
+            lines = busy.iter_lines()  # (held: a dropped iterator closes the stream)
+            next(lines)  # the only slot is decoding
+            refused = http.post(f"{url}/v1/completions", json={"prompt": "w9 w10", "dense": True})
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        # The stream was left early: its slot is free again and the next request is answered.
+        for _ in range(100):  # the server notices the hang-up within a step or two
+            again = http.post(f"{url}/v1/completions", json={"prompt": "w9 w10", "dense": True})
+            if again.status_code != 429:
+                break
+            time.sleep(0.05)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_server_answers_503_to_a_request_that_waited_too_long():
+    import httpx
+
+    with tiny_server(max_batch=1, max_queue=4, queue_timeout=0.05) as url, httpx.Client(timeout=60) as http:
+        with long_stream(http, url) as busy:
+            lines = busy.iter_lines()
+            next(lines)
+            late = http.post(f"{url}/v1/completions", json={"prompt": "w9 w10", "dense": True, "stream": True})
+        assert late.status_code == 503
+        assert "waited" in late.json()["error"]["message"]
+
+
+def test_server_settings_refuse_bad_limits():
+    from coreinfer.server import ServerSettings
+
+    with pytest.raises(ValueError, match="max_batch"):
+        ServerSettings(max_batch=0)
+    with pytest.raises(ValueError, match="queue_timeout"):
+        ServerSettings(queue_timeout=0)

@@ -245,38 +245,35 @@ def test_serve_rejects_bad_defaults_before_loading(args, message):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_a_stream_left_early_stops_its_generation():
-    """The client going away cancels the generation at its next token, freeing the engine."""
+def test_a_stream_left_early_frees_its_slot():
+    """The client going away cancels the generation at its next step, freeing its slot."""
     import asyncio
-    import threading
-    import time
 
-    from coreinfer import GenerationResult, TokenEvent
-    from coreinfer.server import GenerationCancelled, _Job, stream_events
+    from conftest import tiny_model
 
-    calls, stopped = [], threading.Event()
+    from coreinfer import Engine
+    from coreinfer.scheduler import Scheduler
+    from coreinfer.server import _Job, _Stream
 
-    class EndlessEngine:
-        def generate_ids(self, prompts, sparsity, sampling, on_token):
-            try:
-                for step in range(10_000):
-                    calls.append(step)
-                    on_token(TokenEvent(0, step, "x", False))
-                    time.sleep(0.001)
-                return [GenerationResult("", [], 1, 0, "length")] * len(prompts)
-            except GenerationCancelled:
-                stopped.set()
-                raise
-
-    job = _Job(True, [[1]], None, SamplingConfig(), "m", True, False, "chatcmpl-test", 0)
+    engine = Engine(tiny_model("llama"), tokenizer=None, name="tiny", weights="fp32", backend="lean")
+    scheduler = Scheduler(engine, max_batch=1)
+    job = _Job(True, [[1, 2, 3]], None, SamplingConfig(max_new_tokens=200), "m", True, False, "chatcmpl-test", 0)
 
     async def read_two_tokens():
-        events = stream_events(EndlessEngine(), job)
-        assert (await anext(events)).text == "x" and (await anext(events)).text == "x"
+        stream = _Stream(scheduler, job)
+        await stream.admitted()
+        events = stream.events()
+        await anext(events), await anext(events)
         await events.aclose()
+        return stream.submitted[0][0]
 
-    asyncio.run(read_two_tokens())
-    assert stopped.wait(10) and len(calls) < 10_000
+    try:
+        sub = asyncio.run(read_two_tokens())
+        assert sub.done.wait(10) and sub.cancelled
+        after = scheduler.generate([[4, 5]], None, SamplingConfig(max_new_tokens=2), timeout=10)
+        assert after[0].new_tokens == 2 and scheduler.active == 0
+    finally:
+        scheduler.close()
 
 
 # What OpenAI's own client sends (openai.OpenAI against the served app).

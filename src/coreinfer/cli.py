@@ -190,6 +190,9 @@ def serve(
     max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted, in tokens."),
     max_choices: int = typer.Option(16, min=1, help="Most answers one request may ask for (its prompts times n)."),
+    max_batch: int = typer.Option(8, min=1, help="Most sequences decoding together (continuous batching)."),
+    max_queue: int = typer.Option(64, min=0, help="Most requests waiting for room; the next is answered 429."),
+    queue_timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request may wait for room before a 503."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
@@ -204,7 +207,7 @@ def serve(
     try:
         settings = ServerSettings(
             _keep(keep), alpha, rule, quality, mode, targets, max_tokens, max_tokens_limit, max_prompt_tokens,
-            max_choices,
+            max_choices, max_batch, max_queue, queue_timeout,
         )
         engine = load(
             model, device=device, backend=backend, weights=weights, revision=revision, gguf_file=gguf_file, dtype=dtype

@@ -66,6 +66,7 @@ class Submission:
     submitted: float = field(default_factory=time.monotonic)
     admitted: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Optional[Callable[[], None]] = None  # called once, from the scheduler's side, when done is set
     results: Optional[list[GenerationResult]] = None
     error: Optional[BaseException] = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -85,10 +86,20 @@ class Submission:
             raise self.error
         return self.results
 
+    def complete(self, results: list[GenerationResult]) -> None:
+        self._settle(results, None)
+
     def fail(self, error: BaseException) -> None:
-        self.error = error
+        self._settle(None, error)
+
+    def _settle(self, results, error) -> None:
+        if self.done.is_set():
+            return
+        self.results, self.error = results, error
         self.admitted.set()
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 class _Running:
@@ -115,9 +126,8 @@ class _Running:
         self.tracker.finish()
         decode_s = time.perf_counter() - self.decode_start
         keep = self.sparsity.keep if self.sparsity is not None else None
-        self.sub.results = results_for(self.engine, self.backend, self.seqs, self.session, self.prefill_s,
-                                       self.select_s, decode_s, keep)
-        self.sub.done.set()
+        self.sub.complete(results_for(self.engine, self.backend, self.seqs, self.session, self.prefill_s,
+                                      self.select_s, decode_s, keep))
 
 
 @dataclass
@@ -302,6 +312,7 @@ class Scheduler:
         self.lanes: dict[tuple[int, str], Lane] = {}
         self.wake = threading.Condition()
         self.stopped = False
+        self.starting = 0  # sequences admitted and being prefilled
         self.steps = 0  # decode steps run, over all lanes
         self.peak = 0  # most sequences one step decoded together
         self.thread = threading.Thread(target=self._loop, name="coreinfer-scheduler", daemon=True)
@@ -311,13 +322,19 @@ class Scheduler:
 
     def submit(self, prompts: Sequence[Sequence[int]], sparsity: Optional[SparsityConfig] = None,
                sampling: SamplingConfig = SamplingConfig(),
-               on_token: Optional[Callable[[TokenEvent], None]] = None) -> Submission:
-        """Queue one batch of prompts; raises ``QueueFull`` when ``max_queue`` are waiting already."""
+               on_token: Optional[Callable[[TokenEvent], None]] = None,
+               on_done: Optional[Callable[[], None]] = None) -> Submission:
+        """Queue one batch of prompts; raises ``QueueFull`` when ``max_queue`` are waiting already.
+
+        ``on_token`` sees each token's event and ``on_done`` the end, both on the scheduler's thread.
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        sub = Submission([list(p) for p in prompts], sparsity, sampling, on_token)
+        sub = Submission([list(p) for p in prompts], sparsity, sampling, on_token, on_done=on_done)
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
+            # Waiting for the next free slot is not queueing; waiting behind a full batch is.
+            queued = len(self.waiting) - max(0, self.max_batch - self.active)
+            if queued >= self.max_queue:
                 raise QueueFull(len(self.waiting), retry_after=max(1, round(self.queue_timeout / 10)))
             self.waiting.append(sub)
             self.wake.notify()
@@ -336,8 +353,8 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        """Sequences decoding now."""
-        return sum(len(lane.rows) for lane in self.lanes.values())
+        """Sequences decoding now, or being prefilled to."""
+        return self.starting + sum(len(lane.rows) for lane in list(self.lanes.values()))
 
     # The scheduler's thread
 
@@ -382,11 +399,14 @@ class Scheduler:
             if self.active and self.active + len(sub.prompts) > self.max_batch:
                 return
             self.waiting.popleft()
+            self.starting = len(sub.prompts)
         sub.admitted.set()
         try:
             self._start(sub)
         except Exception as err:  # a bad request fails alone; the others decode on
             sub.fail(err)
+        finally:
+            self.starting = 0
 
     def _start(self, sub: Submission) -> None:
         engine, sampling = self.engine, sub.sampling
@@ -432,9 +452,14 @@ class Scheduler:
         return self.lanes[key]
 
     def _run_serial(self, sub: Submission) -> None:
+        def on_token(event: TokenEvent) -> None:
+            if sub.cancelled:
+                raise Cancelled("cancelled")
+            if sub.on_token is not None:
+                sub.on_token(event)
+
         try:  # Engine.generate_ids holds engine.lock throughout: the lanes wait for it
-            sub.results = self.engine.generate_ids(sub.prompts, sub.sparsity, sub.sampling, sub.on_token)
-            sub.done.set()
+            sub.complete(self.engine.generate_ids(sub.prompts, sub.sparsity, sub.sampling, on_token))
         except Exception as err:
             sub.fail(Cancelled(str(err) or "cancelled") if sub.cancelled else err)
 
@@ -462,16 +487,15 @@ class Scheduler:
         for lane_row in reversed(range(len(lane.rows))):
             sub = lane.rows[lane_row].request.sub
             if sub.cancelled:
-                if not sub.done.is_set():
-                    sub.fail(Cancelled("cancelled"))
                 lane.leave(lane_row)
+                sub.fail(Cancelled("cancelled"))  # no-op if it failed already
 
     def _hand_out(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each sequence's next token with its own request's sampling; drop the finished."""
         by_request: dict[int, tuple[_Running, list[int]]] = {}
         for lane_row, row in enumerate(lane.rows):
             by_request.setdefault(id(row.request), (row.request, []))[1].append(lane_row)
-        finished = []
+        finished, completed = [], []
         for request, lane_rows in by_request.values():
             seqs = [request.seqs[lane.rows[r].index] for r in lane_rows]
             tokens = pick_tokens(logits[lane_rows], request.sub.sampling, seqs)
@@ -482,6 +506,8 @@ class Scheduler:
                 if all_done or request.seqs[lane.rows[r].index].finish_reason:
                     finished.append(r)
             if all_done:
-                request.finish()
+                completed.append(request)
         for r in sorted(finished, reverse=True):
             lane.leave(r)
+        for request in completed:  # after leaving: whoever waits on it finds its slots free
+            request.finish()

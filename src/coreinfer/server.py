@@ -5,11 +5,14 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 with ``data: [DONE]``), and ``GET /``, a demo page streaming the dense and the
 CoreInfer answers side by side.
 
-Requests are validated and tokenised on the event loop, then generated in a worker
-thread: ``Engine.lock`` queues them one at a time while each request's sparse state
-lives in its own ``SparseSession``, so bad input is answered at once, even while
-another request is generating. A request with several answers (a list of prompts,
-``n`` > 1) runs as one batch; its choices stream interleaved, each with its index.
+Requests are validated and tokenised on the event loop, then handed to a
+``scheduler.Scheduler``: concurrent requests decode together, each joining the running
+batch after its own prefill and leaving when it ends or its client goes away (continuous
+batching), each with its own sparsity, sampling and stop strings. At most ``max_batch``
+sequences decode at once; ``max_queue`` requests may wait, each at most ``queue_timeout``
+seconds; past that the server answers 429 (with ``Retry-After``) or 503. Bad input is
+answered at once, whatever is generating. A request with several answers (a list of
+prompts, ``n`` > 1) joins as one batch; its choices stream interleaved, each with its index.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import DEFAULT_SPARSITY
 from .config import mode_for
 from .engine import Engine, GenerationResult, SamplingConfig, SparsityConfig, TokenEvent
+from .scheduler import QueueFull, QueueTimeout, Scheduler, Submission
 
 SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired in yet
 
@@ -52,6 +56,9 @@ class ServerSettings:
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     max_prompt_tokens: int = 4096
     max_choices: int = 16  # largest batch a request may ask for: its prompts times n
+    max_batch: int = 8  # sequences decoding together (continuous batching)
+    max_queue: int = 64  # requests waiting for room; one more is answered 429
+    queue_timeout: float = 60.0  # seconds a request may wait for room before a 503
 
     def __post_init__(self) -> None:
         # raises on bad defaults
@@ -63,23 +70,24 @@ class ServerSettings:
             raise ValueError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
         if self.max_choices < 1:
             raise ValueError(f"max_choices must be at least 1, got {self.max_choices}")
+        if self.max_batch < 1 or self.max_queue < 0 or self.queue_timeout <= 0:
+            raise ValueError("max_batch must be at least 1, max_queue at least 0 and queue_timeout positive; got "
+                             f"{self.max_batch}, {self.max_queue} and {self.queue_timeout}")
 
 
 class APIError(Exception):
     """A client error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = ("invalid_request_error" if self.status < 500 and self.status != 429
+                else "rate_limit_error" if self.status == 429 else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-class GenerationCancelled(Exception):
-    """Raised from the token callback to stop a generation whose client has gone."""
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 # Request bodies. They take every field OpenAI's Chat Completions and Completions APIs take; unknown
@@ -406,17 +414,25 @@ class _Job:
                     for k in range(self.n)]
         return [([ids for ids in self.prompts for _ in range(self.n)], s, list(range(self.choices)))]
 
-    def run(self, engine: Engine, on_token: Optional[Callable[[TokenEvent], None]] = None) -> list[GenerationResult]:
-        """The results, one per choice; ``on_token`` sees each event with its choice index."""
-        results: list[Optional[GenerationResult]] = [None] * self.choices
-        for prompts, sampling, indices in self.batches():
-            def relay(event: TokenEvent, indices=indices) -> None:
-                on_token(replace(event, index=indices[event.index]))
+    def submit(self, scheduler: Scheduler, on_token: Callable[[TokenEvent], None],
+               on_done: Callable[[], None]) -> list[tuple[Submission, list[int]]]:
+        """Queue every batch of the job; ``on_token`` sees each event with its choice index.
 
-            batch = engine.generate_ids(prompts, self.sparsity, sampling, relay if on_token else None)
-            for index, result in zip(indices, batch):
-                results[index] = result
-        return results
+        All or nothing: if the queue is full, what was queued is withdrawn and a 429 raised.
+        """
+        submitted: list[tuple[Submission, list[int]]] = []
+        try:
+            for prompts, sampling, indices in self.batches():
+                def relay(event: TokenEvent, indices=indices) -> None:
+                    on_token(replace(event, index=indices[event.index]))
+
+                submitted.append((scheduler.submit(prompts, self.sparsity, sampling, relay, on_done), indices))
+        except QueueFull as err:
+            for sub, _ in submitted:
+                sub.cancel()
+            raise APIError(429, f"the server is busy: {err}", code="queue_full",
+                           headers={"Retry-After": str(err.retry_after)}) from None
+        return submitted
 
     def _envelope(self, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
@@ -476,51 +492,73 @@ def _sse(payload: Union[dict, str]) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def stream_events(engine: Engine, job: _Job) -> AsyncIterator[Union[TokenEvent, list[GenerationResult]]]:
-    """Run ``job`` in a worker thread, yielding its token events and then its results (a list).
+class _Stream:
+    """A job's submissions to the scheduler, their events relayed to the event loop.
 
-    Leaving the iterator early (the client went away) stops the generation at its
-    next token, which frees the engine for the requests queued behind it.
+    Leaving early (``close``: the client went away) cancels them at the next step, which frees
+    their slots for the requests waiting.
     """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
 
-    def put(item) -> None:
+    def __init__(self, scheduler: Scheduler, job: _Job):
+        self.job = job
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.submitted = job.submit(scheduler, self._put, lambda: self._put(None))
+
+    def _put(self, item) -> None:  # on the scheduler's thread
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop has closed (server shutting down)
-            cancelled.set()
+            self.close()
 
-    def on_token(event: TokenEvent) -> None:
-        if cancelled.is_set():
-            raise GenerationCancelled
-        put(event)
+    async def admitted(self) -> None:
+        """Wait until every batch has left the queue; a 503 if one waited too long."""
+        while not all(sub.admitted.is_set() for sub, _ in self.submitted):
+            await asyncio.sleep(0.005)
+        for sub, _ in self.submitted:
+            if isinstance(sub.error, QueueTimeout):
+                self.close()
+                raise APIError(503, str(sub.error), code="queue_timeout", headers={"Retry-After": "1"})
 
-    def work() -> None:
+    async def events(self) -> AsyncIterator[Union[TokenEvent, list[GenerationResult]]]:
+        """The token events, then the results (a list, one per choice)."""
+        pending = len(self.submitted)
         try:
-            put(job.run(engine, on_token))
-        except BaseException as err:  # handed to the event loop, raised there
-            put(err)
+            while pending:
+                item = await self.queue.get()
+                if item is None:
+                    pending -= 1
+                else:
+                    yield item
+            results: list[Optional[GenerationResult]] = [None] * self.job.choices
+            for sub, indices in self.submitted:
+                if sub.error is not None:
+                    raise sub.error
+                for index, result in zip(indices, sub.results):
+                    results[index] = result
+            yield results
+        finally:
+            self.close()
 
-    threading.Thread(target=work, name=f"generate-{job.id}", daemon=True).start()
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, list):
-                return
-    finally:
-        cancelled.set()
+    def close(self) -> None:
+        for sub, _ in self.submitted:
+            if not sub.done.is_set():
+                sub.cancel()
 
 
-async def sse_body(engine: Engine, job: _Job) -> AsyncIterator[str]:
+async def _cancel_on_disconnect(http: Request, stream: _Stream) -> None:
+    """A client waiting for a whole answer that hangs up frees its slots too."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.1)
+    stream.close()
+
+
+async def sse_body(stream: _Stream) -> AsyncIterator[str]:
+    job = stream.job
     for chunk in job.first_chunks():
         yield _sse(chunk)
     try:
-        async for item in stream_events(engine, job):
+        async for item in stream.events():
             if isinstance(item, list):
                 for chunk in job.final_chunks(item):
                     yield _sse(chunk)
@@ -540,6 +578,8 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
     if engine.tokenizer is None:
         raise ValueError("the server needs an engine with a tokenizer")
     app = FastAPI(title="coreinfer", description="OpenAI-compatible CoreInfer server", docs_url="/docs")
+    scheduler = Scheduler(engine, settings.max_batch, settings.max_queue, settings.queue_timeout)
+    app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -580,13 +620,19 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
         return _Job(chat, prompts, sparsity, sampling, engine.name, bool(request.stream), include_usage,
                     f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), n, echo)
 
-    async def answer(job: _Job):
-        if job.stream:
+    async def answer(job: _Job, http: Request):
+        stream = _Stream(scheduler, job)
+        await stream.admitted()
+        if job.stream:  # a client that goes away closes the body's generator, which cancels the job
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(sse_body(engine, job), media_type="text/event-stream", headers=headers)
-        results = None
-        async for item in stream_events(engine, job):
-            results = item
+            return StreamingResponse(sse_body(stream), media_type="text/event-stream", headers=headers)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, stream))
+        try:
+            results = None
+            async for item in stream.events():
+                results = item
+        finally:
+            watcher.cancel()
         return job.response(results)
 
     @app.get("/v1/models")
@@ -595,12 +641,12 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        return await answer(prepare(request, chat=False))
+    async def completions(request: CompletionRequest, http: Request):
+        return await answer(prepare(request, chat=False), http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
-        return await answer(prepare(request, chat=True))
+    async def chat_completions(request: ChatRequest, http: Request):
+        return await answer(prepare(request, chat=True), http)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -628,3 +674,6 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        scheduler = getattr(app.state, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
