@@ -622,6 +622,33 @@ def bench(
         speed_quality_plot(report, path.with_suffix(".png"))
 
 
+@app.command("bench-serve")
+def bench_serve(
+    model: ModelOption = None,
+    revision: RevisionOption = None,
+    gguf_file: GgufFileOption = None,
+    out: str = typer.Option("bench-out/serve", help="Directory for serve.json and serve.md."),
+    clients: str = typer.Option("1,2,4,8", help="Concurrent streaming clients per wave, comma-separated."),
+    requests_per_client: int = typer.Option(2, min=1, help="Requests each client sends, one after another."),
+    max_tokens: int = typer.Option(64, min=2, help="Completion tokens per request."),
+    soak_requests: int = typer.Option(200, min=0, help="Mixed requests of the soak after the waves (0 skips)."),
+    dense: bool = typer.Option(False, "--dense", help="Every wave request dense (the default: the server's default)."),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+) -> None:
+    """The server under load: 1, 2, 4, 8 concurrent streaming clients (loopback), then a soak."""
+    from .api import load
+    from .loading import ModelNotFound
+    from .serve_bench import run
+
+    try:
+        engine = load(model, device="cpu", weights=weights, revision=revision, gguf_file=gguf_file)
+    except (ValueError, TypeError, ModelNotFound) as err:
+        _fail(str(err))
+    run(engine, Path(out), _ints(clients), requests_per_client, max_tokens, soak_requests,
+        extra={"dense": True} if dense else None, echo=lambda line: typer.echo(line, err=True))
+    typer.echo((Path(out) / "serve.md").read_text())
+
+
 @app.command()
 def models(
     model: list[str] = typer.Option([], help="A model to verify beside the default model (repeatable): a Hub id, a model directory or a .gguf file."),
