@@ -43,7 +43,7 @@ def test_gathered_equals_masked_dense_on_the_dequantised_weights(out, inn, bits,
     """fp32 activations: equal to the masked product in float64 to fp32 rounding (1e-5 of the largest output)."""
     w = fp16_weight(out, inn, bits)
     layout = w.gathered()
-    assert layout is not None and layout.codes.shape[-1] * 2 % 64 == 0
+    assert layout is not None and layout.codes.shape == (len(w.codes), inn * -(-out // 64) * 32)
     x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(1))
     for threshold in (0.6, 0.0, -1.0):
         y, kept = int4_gather.gathered_mm(x, layout, threshold)

@@ -28,6 +28,7 @@ import torch
 KERNEL = "int4-gather-avx2-v1"  # names speed verdicts measured with this kernel (Engine.token_pays)
 GROUP = 32
 BLOCK = 64  # outputs per 32-byte block of one input's codes
+MAX_TILE_BLOCKS = 16  # a tile's fp32 sums (1024 outputs, 4 KB) stay in L1 while its rows stream
 SOURCE = Path(__file__).with_name("int4_gather.cpp")
 FLAGS = frozenset(("avx2", "fma", "f16c"))
 
@@ -91,17 +92,20 @@ def available() -> bool:
 class Int4Gather:
     """An int4 matrix in the kernel's input-major layout (``of`` builds it from ``Int4Weight`` planes)."""
 
-    codes: torch.Tensor  # [P, in, outp / 2] uint8
+    codes: torch.Tensor  # [P, in * outp / 2] uint8: per tile of outputs, its rows (one per input) in one slab
     scales: torch.Tensor  # [P, in / 32, outp] fp16
     mins: torch.Tensor  # [P, in / 32, outp] fp16
     out_features: int
+    tile_blocks: int  # 64-output blocks per tile (the last tile may have fewer)
 
     @classmethod
-    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]) -> Optional["Int4Gather"]:
+    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor],
+           threads: Optional[int] = None) -> Optional["Int4Gather"]:
         """From ``Int4Weight``'s planes (codes ``[out, in / 2]``, ``(scale, zero)`` ``[in / 32, out, 2]``,
         ``w = (code - 8) * scale + zero``); None where a scale or min does not fit fp16 to 2**-10."""
         out_features, in_features = codes[0].shape[0], codes[0].shape[1] * 2
         outp = -(-out_features // BLOCK) * BLOCK
+        tile_blocks = tile_width(outp // BLOCK, threads or torch.get_num_threads())
         planes, scales, mins = [], [], []
         for c, sz in zip(codes, scale_zeros):
             code = torch.stack([c & 15, c >> 4], dim=-1).view(out_features, in_features)
@@ -109,7 +113,9 @@ class Int4Gather:
             code_t[:, :out_features] = code.t()
             # Block of 64 outputs: word l holds outputs 8k + l in nibble k, so byte j holds k = 2j and 2j + 1.
             c5 = code_t.view(in_features, outp // BLOCK, 8, 8).transpose(2, 3).reshape(in_features, outp // BLOCK, 8, 4, 2)
-            planes.append((c5[..., 0] | (c5[..., 1] << 4)).reshape(in_features, outp // 2))
+            blocked = (c5[..., 0] | (c5[..., 1] << 4)).reshape(in_features, outp // BLOCK, 32)
+            planes.append(torch.cat([blocked[:, t : t + tile_blocks].reshape(-1)
+                                     for t in range(0, outp // BLOCK, tile_blocks)]))
             scale, minimum = sz[..., 0].float(), sz[..., 1].float() - 8 * sz[..., 0].float()
             for value, into in ((scale, scales), (minimum, mins)):
                 half = value.to(torch.float16)
@@ -120,7 +126,7 @@ class Int4Gather:
                 padded[:, :out_features] = half
                 into.append(padded)
         return cls(torch.stack(planes).contiguous(), torch.stack(scales).contiguous(),
-                   torch.stack(mins).contiguous(), out_features)
+                   torch.stack(mins).contiguous(), out_features, tile_blocks)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins))
@@ -130,4 +136,12 @@ def gathered_mm(x: torch.Tensor, w: Int4Gather, threshold: float) -> tuple[torch
     """``sparsify(x, threshold) @ W.T`` for ``x`` ``[B, in]`` (fp32 or bf16), reading only the kept
     inputs' codes; ``threshold < 0`` keeps every input. Returns ``[B, out]`` in ``x``'s dtype and
     the inputs kept per sequence. Needs ``available()``."""
-    return (_module or module()).gather_mm(x.contiguous(), w.codes, w.scales, w.mins, w.out_features, float(threshold))
+    return (_module or module()).gather_mm(x.contiguous(), w.codes, w.scales, w.mins, w.out_features, w.tile_blocks,
+                                           float(threshold))
+
+
+def tile_width(blocks: int, threads: int, widest: int = MAX_TILE_BLOCKS) -> int:
+    """Blocks per tile: tiles of at most ``widest`` blocks, as many as a multiple of ``threads``, near equal."""
+    threads = max(1, threads)
+    tiles = threads * -(-blocks // (threads * widest))
+    return max(1, -(-blocks // tiles))

