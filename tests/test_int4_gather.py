@@ -164,3 +164,17 @@ def test_keep_one_on_int4_token_level_is_dense_int4(monkeypatch, tmp_path):
 def test_sparsify_matches_the_kernels_rule():
     x = torch.tensor([[0.5, -0.5, 0.51, -2.0]])
     assert torch.equal(sparsify(x, 0.5) != 0, x.abs() > 0.5)  # strictly above the threshold, as the kernel keeps
+
+
+@needs_kernel
+def test_auto_does_not_choose_token_level_on_int4(monkeypatch, tmp_path):
+    """Explicit token-level reads fewer int4 rows, but keep="auto" decodes (and scores) dense int4:
+    measured slower than the kernel's dense product (decode.weights.AUTO_GATHER_FORMATS)."""
+    from coreinfer.engine import auto_reads_rows
+
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4-auto")
+    backend = engine.backend("lean", "int4")
+    assert reads_rows(backend) and not auto_reads_rows(backend)
+    assert not engine.token_pays(backend, SparsityConfig(keep=0.7, mode="token"))
+    assert engine.resolve_scored(SparsityConfig(keep="auto", mode="token"), backend) is None

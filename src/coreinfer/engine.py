@@ -35,7 +35,7 @@ from .decode.lean import LeanBackend, LeanModel
 from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
-from .decode.weights import check_weights, default_weights, gather_kernel, gathers
+from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel, gathers
 from .loading import cache_root, gguf_int4_cache
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
@@ -200,6 +200,12 @@ def reads_rows(backend: DecodeBackend) -> bool:
     one gathers rows of fp32 or bf16 weights, and of int4 ones on a CPU where coreinfer's int4 kernel
     builds, not of int8 (``decode.weights.gathers``)."""
     return backend.name != "lean" or gathers(backend.weights, backend.model.device)
+
+
+def auto_reads_rows(backend: DecodeBackend) -> bool:
+    """Whether token-level ``keep="auto"`` may decode sparsely on ``backend``: ``reads_rows``, in a
+    format where that was measured to pay (``decode.weights.auto_gathers``: not int4)."""
+    return backend.name != "lean" or auto_gathers(backend.weights, backend.model.device)
 
 
 class Engine:
@@ -456,9 +462,9 @@ class Engine:
     def resolve_scored(self, sparsity: Optional[SparsityConfig], backend: DecodeBackend) -> Optional[SparsityConfig]:
         """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: ``resolve`` without the
         speed verdict (the calibrated level, wherever it would decode sparsely), except that token-level
-        auto on weights it cannot read row by row (int8; int4 where its kernel does not build) is what
+        auto on weights where auto never decodes token-level (int8, int4: ``auto_reads_rows``) is what
         decodes there: dense."""
-        if sparsity is not None and sparsity.auto and sparsity.token and not reads_rows(backend):
+        if sparsity is not None and sparsity.auto and sparsity.token and not auto_reads_rows(backend):
             return None
         return self.resolve(sparsity)
 
@@ -469,8 +475,10 @@ class Engine:
         Reading fewer weights only pays where the gathered kernel reads them near the memory's speed; on
         some CPUs ``embedding_bag`` does not, and a default slower than dense would be no default.
         """
-        if backend.name != "lean" or not reads_rows(backend):
-            return False  # the reference backend only masks its dense products; int8 has no row gather
+        if backend.name != "lean" or not auto_reads_rows(backend):
+            # The reference backend only masks its dense products; int8 has no row gather; int4's
+            # measured slower than its dense kernel (decode.weights.AUTO_GATHER_FORMATS).
+            return False
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.
         key = (f"{self.device.type}:{capability}:{torch.get_num_threads()}t:{gather_kernel(backend.weights)}:{backend.weights}:"

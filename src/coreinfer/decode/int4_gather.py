@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-KERNEL = "int4-gather-avx2-v1"  # names speed verdicts measured with this kernel (Engine.token_pays)
+KERNEL = "int4-gather-avx2-v2"  # names speed verdicts measured with this kernel, dense int4 included (Engine.token_pays)
 GROUP = 32
 BLOCK = 64  # outputs per 32-byte block of one input's codes
 MAX_TILE_BLOCKS = 16  # a tile's fp32 sums (1024 outputs, 4 KB) stay in L1 while its rows stream

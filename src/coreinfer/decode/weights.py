@@ -41,6 +41,18 @@ def gathers(weights: str, device: torch.device) -> bool:
     return weights == "int4" and device.type == "cpu" and int4_gather.available()
 
 
+# Formats where keep="auto" may decode token-level (Engine.token_pays). Not int4: on a 2-core AVX2
+# CPU, SmolLM2, `coreinfer bench` (64 tokens, 3 alternated rounds), token-level at 0.7 decoded at
+# 0.90x dense int4 (37.4 against 42.1 tok/s): the kernel reads gathered rows less efficiently than
+# its own dense stream. Explicit token-level on int4 (mode="token", keep=0.7) still reads 0.7.
+AUTO_GATHER_FORMATS = ("fp32", "bf16")
+
+
+def auto_gathers(weights: str, device: torch.device) -> bool:
+    """Whether ``keep="auto"`` may choose token-level sparsity in this format (see ``AUTO_GATHER_FORMATS``)."""
+    return weights in AUTO_GATHER_FORMATS and gathers(weights, device)
+
+
 def gather_kernel(weights: str) -> str:
     """The name of the kernel token-level products run in this format (speed verdicts are kept per kernel)."""
     return int4_gather.KERNEL if weights == "int4" else GATHER_KERNEL
