@@ -255,9 +255,10 @@ def mlp_width(layer: LeanLayer) -> int:
 
 
 def _pack(weights: list[Weight]) -> None:
-    """Build the int4 kernel's layout now (it is otherwise made on first use)."""
+    """Build the layout an int4 product of one row reads now (it is otherwise made on first use);
+    torch's packing for batches is made when the first batch comes."""
     for w in weights:
-        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu":
+        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu" and w.dense_gathered() is None:
             w.kernel()
 
 
