@@ -110,6 +110,29 @@ def test_token_level_under_concurrency_counts_each_request(monkeypatch, tmp_path
     assert scheduler.peak >= 2
 
 
+def test_requests_waiting_together_share_one_prefill_and_get_what_alone_gets(monkeypatch, tmp_path):
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    engine = engine_for("llama")
+    ps = prompts((9, 5, 12, 7))
+    engine.token_profile(ps, [p[::-1] * 2 for p in ps], progress=False)
+    greedy = SamplingConfig(max_new_tokens=8)
+    requests = [(ps[0], None, greedy), (ps[1], None, greedy), (ps[2], SparsityConfig(keep=0.6, mode="token"), greedy),
+                (ps[3], None, SamplingConfig(max_new_tokens=8, temperature=0.7, seed=1))]
+    expected = [alone(engine, p, s, m) for p, s, m in requests]
+    scheduler = Scheduler(engine, max_batch=8)
+    try:
+        with engine.lock:  # the scheduler takes the first and waits; the other three queue meanwhile
+            first = scheduler.submit([requests[0][0]], None, greedy)
+            first.admitted.wait(10)
+            rest = [scheduler.submit([p], s, m) for p, s, m in requests[1:]]
+        got = [first.wait(60)[0]] + [sub.wait(60)[0] for sub in rest]
+    finally:
+        scheduler.close()
+    assert scheduler.prefills == 2  # the first alone, the three that waited together
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert got[2].mode == "token" and got[2].ffn_density == pytest.approx(expected[2].ffn_density, rel=1e-6)
+
+
 def test_several_prompts_in_one_submission_equal_generate_ids():
     engine = engine_for("llama")
     ps = prompts((9, 5, 12))

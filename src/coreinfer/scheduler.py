@@ -192,7 +192,10 @@ class Lane:
         have_rows, have_cap = (old.valid.shape if old is not None else (0, 0))
         if rows <= have_rows and capacity <= have_cap:
             return
-        rows, capacity = max(rows, have_rows), max(capacity, 2 * have_cap, 64)
+        # Each dimension grows only when short, by doubling: joins and long answers copy the cache
+        # a few times, not every step (doubling slots on a new row once took a lane to 3 GB).
+        rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        capacity = have_cap if capacity <= have_cap else max(capacity, 2 * have_cap, 64)
         new = KVCache.allocate(self.model, rows, min(capacity, self.model.max_length))
         if old is not None:
             n, s = len(self.rows), self.slot
@@ -287,6 +290,23 @@ class Lane:
         return self.backend.step(self.state, tokens)
 
 
+@dataclass
+class _LayerRows:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class _CacheRows:
+    """Some rows of a Hugging Face prefill cache, as ``KVCache.fill`` reads one (``layers[i].keys``)."""
+
+    layers: list[_LayerRows]
+
+    @classmethod
+    def of(cls, hf_cache, rows: slice) -> "_CacheRows":
+        return cls([_LayerRows(layer.keys[rows], layer.values[rows]) for layer in hf_cache.layers])
+
+
 def lane_kind(sparsity: Optional[SparsityConfig]) -> str:
     """Which lane decodes ``sparsity`` (already resolved to a number)."""
     if sparsity is None:
@@ -313,6 +333,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.stopped = False
         self.starting = 0  # sequences admitted and being prefilled
+        self.prefills = 0  # prefill forward passes run (several waiting requests share one)
         self.steps = 0  # decode steps run, over all lanes
         self.peak = 0  # most sequences one step decoded together
         self.thread = threading.Thread(target=self._loop, name="coreinfer-scheduler", daemon=True)
@@ -391,58 +412,99 @@ class Scheduler:
             self.waiting = keep
 
     def _admit(self) -> None:
-        """Start the oldest waiting submission if it fits (one per loop: its prefill is the others' stall)."""
+        """Start the waiting submissions that fit, oldest first: those that prefill alike in one
+        batched prefill (the others' stall, once), the rest one by one."""
+        group = []
         with self.wake:
-            if not self.waiting:
-                return
-            sub = self.waiting[0]
-            if self.active and self.active + len(sub.prompts) > self.max_batch:
-                return
-            self.waiting.popleft()
-            self.starting = len(sub.prompts)
-        sub.admitted.set()
+            room = self.max_batch - self.active
+            while self.waiting and (len(self.waiting[0].prompts) <= room or not (self.active or group)):
+                sub = self.waiting.popleft()
+                group.append(sub)
+                room -= len(sub.prompts)
+            self.starting = sum(len(sub.prompts) for sub in group)
         try:
-            self._start(sub)
-        except Exception as err:  # a bad request fails alone; the others decode on
-            sub.fail(err)
+            plain: dict[int, list] = {}  # backend -> (submission, sparsity) prefilled densely, without recording
+            for sub in group:
+                sub.admitted.set()
+                try:
+                    planned = self._plan(sub)
+                except Exception as err:  # a bad request fails alone; the others decode on
+                    sub.fail(err)
+                    continue
+                if planned is None:
+                    continue
+                backend, sparsity = planned
+                if sparsity is None or sparsity.token:
+                    plain.setdefault(id(backend), []).append((sub, backend, sparsity))
+                else:  # sentence-level: its prefill records its own activations
+                    self._guarded(self._prefill, [(sub, backend, sparsity)])
+            for items in plain.values():
+                self._guarded(self._prefill, items)
         finally:
             self.starting = 0
 
-    def _start(self, sub: Submission) -> None:
-        engine, sampling = self.engine, sub.sampling
-        length = max(len(p) for p in sub.prompts) + sampling.max_new_tokens
+    def _guarded(self, start: Callable, items: list) -> None:
+        try:
+            start(items)
+        except Exception as err:
+            for sub, _, _ in items:
+                sub.fail(err)
+
+    def _plan(self, sub: Submission):
+        """``(backend, resolved sparsity)`` for a submission the lanes decode; None once handed to a serial run."""
+        engine = self.engine
+        length = max(len(p) for p in sub.prompts) + sub.sampling.max_new_tokens
         with engine.lock:
             backend = engine.backend(None, None, length=length)
             sparsity = engine.resolve(sub.sparsity, backend)
-            if not isinstance(backend, LeanBackend) or (sparsity is not None and sparsity.auto):
-                threading.Thread(target=self._run_serial, args=(sub,), daemon=True).start()
-                return
-            if length > backend.max_length:
-                raise ValueError(f"prompt + max_tokens is {length} tokens; the lean backend decodes at most "
-                                 f"{backend.max_length}")
+        if not isinstance(backend, LeanBackend) or (sparsity is not None and sparsity.auto):
+            threading.Thread(target=self._run_serial, args=(sub,), daemon=True).start()
+            return None
+        if length > backend.max_length:
+            raise ValueError(f"prompt + max_tokens is {length} tokens; the lean backend decodes at most "
+                             f"{backend.max_length}")
+        return backend, sparsity
+
+    def _prefill(self, items: list) -> None:
+        """One prefill for every submission of ``items`` (same backend), then each joins its lane."""
+        engine = self.engine
+        backend = items[0][1]
+        prompts = [p for sub, _, _ in items for p in sub.prompts]
+        with engine.lock:
             start = time.perf_counter()
-            ids, mask = engine.left_pad(sub.prompts)
-            session = engine.new_session(sparsity, mask)
+            ids, mask = engine.left_pad(prompts)
+            sentence = items[0][2] is not None and not items[0][2].token
+            session = engine.new_session(items[0][2], mask) if sentence else None  # (alone in items)
             logits, hf_cache = engine.prefill(ids, mask, session)
             prefill_s = time.perf_counter() - start
-            start = time.perf_counter()
-            prompt_state = backend.start(session, hf_cache, mask, ids.shape[1] + 1)
-            del hf_cache
+            self.prefills += 1
+            first_row = 0
+            for sub, _, sparsity in items:
+                rows = slice(first_row, first_row + len(sub.prompts))
+                first_row = rows.stop
+                start = time.perf_counter()
+                own = session if sentence else engine.new_session(sparsity, mask[rows])
+                state = backend.start(own, _CacheRows.of(hf_cache, rows), mask[rows], ids.shape[1] + 1)
+                self._launch(sub, backend, sparsity, own, logits[rows, -1, :], state, ids.shape[1],
+                             prefill_s, time.perf_counter() - start)
+
+    def _launch(self, sub: Submission, backend: LeanBackend, sparsity, session, logits: torch.Tensor,
+                prompt_state: LeanState, width: int, prefill_s: float, select_s: float) -> None:
+        """Take the first tokens from the prefill's logits; the sequences still going join their lane."""
+        engine, sampling = self.engine, sub.sampling
         seqs = [_Sequence(len(p), engine.generator(sampling.seed)) for p in sub.prompts]
         tracker = _Tracker(engine, seqs, sampling, engine.eos_ids(), sub.on_token)
         running = _Running(sub, engine, backend, sparsity, session, seqs, tracker)
-        running.prefill_s = prefill_s
-        first = pick_tokens(logits[:, -1, :], sampling, seqs)
+        running.prefill_s, running.select_s = prefill_s, select_s
+        first = pick_tokens(logits, sampling, seqs)
         if running.advance(dict(enumerate(first))):
-            running.select_s = time.perf_counter() - start
             running.finish()
             return
         live = [i for i, s in enumerate(seqs) if not s.finish_reason]
         lane = self._lane(backend, lane_kind(sparsity))
-        lane.join(running, live, prompt_state, ids.shape[1])
-        for i in live:
-            next(r for r in lane.rows if r.request is running and r.index == i).next_token = first[i]
-        running.select_s = time.perf_counter() - start
+        lane.join(running, live, prompt_state, width)
+        for row in lane.rows[len(lane.rows) - len(live):]:
+            row.next_token = first[row.index]
         running.decode_start = time.perf_counter()
 
     def _lane(self, backend: LeanBackend, kind: str) -> Lane:
