@@ -526,9 +526,10 @@ class Scheduler:
             sub.fail(Cancelled(str(err) or "cancelled") if sub.cancelled else err)
 
     def _step_lanes(self) -> None:
+        # An empty lane keeps its cache for the next joiner: freeing and re-allocating caches of
+        # other sizes grew the process by a third over a 200-request soak (the allocator keeps them).
         for key, lane in list(self.lanes.items()):
             if not lane.rows:
-                del self.lanes[key]  # frees its cache; the next joiner allocates one to its size
                 continue
             self._drop_cancelled(lane)
             if not lane.rows:
