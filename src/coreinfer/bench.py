@@ -34,7 +34,7 @@ import torch
 
 from .config import DEFAULT_SPARSITY, SamplingConfig, SparsityConfig
 from .decode.lean import LeanModel
-from .decode.weights import GATHER_FORMATS
+from .decode.weights import gathers
 from .engine import Engine
 from .offload_bench import peak_rss_mb as process_peak_rss_mb
 
@@ -103,8 +103,9 @@ def default_configs(settings: BenchSettings, weights: str, with_llamacpp: bool) 
     default = DEFAULT_SPARSITY
     configs.append(BenchConfig(f"default_{weights}", "engine", default.keep, weights, default.rule,
                                mode=default.mode, targets=default.targets))
-    # Token-level rows need weights read row by row: fp32 where the format (int8, int4) cannot be.
-    tw = weights if weights in GATHER_FORMATS else "fp32"
+    # Token-level rows need weights read row by row: fp32 where the format cannot be (int8; int4 where
+    # coreinfer's int4 kernel does not build).
+    tw = weights if gathers(weights, torch.device("cpu")) else "fp32"
     configs += [BenchConfig(f"token_k{k:g}_{tw}", "engine", k, tw, mode="token") for k in settings.token_keeps]
     if settings.token_keeps:
         k = settings.token_keeps[-1]
