@@ -118,7 +118,7 @@ class LeanModel:
         self.lm_head = self._matrix("model.embed_tokens.weight" if tied else "lm_head.weight",
                                     hf_model.get_output_embeddings().weight)
         self._gguf = None  # the layers hold what they use
-        _pack([self.lm_head] + [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)])
+        _pack(self.matrices())
         # The model's own LM head (not a copy), read for a few rows per token: see exact_top_logits.
         self.head_exact = None if weights == "fp32" else hf_model.get_output_embeddings().weight.detach()
         embed = hf_model.model.embed_tokens
@@ -172,6 +172,17 @@ class LeanModel:
         if all(isinstance(m, Int4Weight) for m in matrices):
             return cat_rows(matrices)
         return _c(torch.cat([w for _, w in parts]), self.dtype)
+
+    def prepare_batches(self) -> None:
+        """Build torch's int4 packing now, which products of more rows than ``MAX_GATHER_ROWS`` read
+        (``int4_linear``): made on the first such batch otherwise, it stalled that step for seconds."""
+        for w in self.matrices():
+            if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu":
+                w.kernel()
+
+    def matrices(self) -> list[Weight]:
+        """Every decode-time weight matrix: the LM head, then each layer's."""
+        return [self.lm_head] + [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)]
 
     @property
     def num_neurons(self) -> int:
