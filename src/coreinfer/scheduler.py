@@ -34,7 +34,6 @@ import torch
 
 from .config import SamplingConfig, SparsityConfig
 from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState
-from .decode.weights import MAX_GATHER_ROWS
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
 
 
@@ -527,8 +526,6 @@ class Scheduler:
     def _lane(self, backend: LeanBackend, kind: str) -> Lane:
         key = (id(backend), kind)
         if key not in self.lanes:
-            if self.max_batch > MAX_GATHER_ROWS:
-                backend.model.prepare_batches()  # once, before any batch needs it
             self.lanes[key] = Lane(backend, kind)
         return self.lanes[key]
 

@@ -173,13 +173,6 @@ class LeanModel:
             return cat_rows(matrices)
         return _c(torch.cat([w for _, w in parts]), self.dtype)
 
-    def prepare_batches(self) -> None:
-        """Build torch's int4 packing now, which products of more rows than ``MAX_GATHER_ROWS`` read
-        (``int4_linear``): made on the first such batch otherwise, it stalled that step for seconds."""
-        for w in self.matrices():
-            if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu":
-                w.kernel()
-
     def matrices(self) -> list[Weight]:
         """Every decode-time weight matrix: the LM head, then each layer's."""
         return [self.lm_head] + [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)]
@@ -266,8 +259,7 @@ def mlp_width(layer: LeanLayer) -> int:
 
 
 def _pack(weights: list[Weight]) -> None:
-    """Build the layout an int4 product of one row reads now (it is otherwise made on first use);
-    torch's packing for batches is made when the first batch comes."""
+    """Build the layout an int4 product reads now (it is otherwise made on first use)."""
     for w in weights:
         if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu" and w.dense_gathered() is None:
             w.kernel()

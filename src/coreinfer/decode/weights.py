@@ -182,8 +182,8 @@ class Int4Weight:
         return cls(codes, scale_zeros, group, dtype)
 
     def kernel(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """torch's packed layout (per plane), built on first use: what products of several rows read,
-        and every product where coreinfer's int4 kernel does not run (``int4_linear``)."""
+        """torch's packed layout (per plane), built on first use: what every product reads where
+        coreinfer's int4 kernel does not run (``int4_linear``)."""
         if self._kernel is None:
             self._kernel = [(_int4_pack(c), sz.to(self.dtype)) for c, sz in zip(self.codes, self.scale_zeros)]
         return self._kernel
@@ -304,19 +304,17 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return int8_linear_portable(x, w)
 
 
-MAX_GATHER_ROWS = 2  # int4 products of more rows (batches) take torch's kernel: see int4_linear
-
-
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """On the CPU, coreinfer's int4 kernel with every input kept (``int4_gather``; 1.7-1.9x torch's on
     SmolLM2's shapes and its LM head, one thread), else one torch int4 kernel call per plane; elsewhere
     (CUDA) the honest fallback: dequantise, then matmul."""
     if x.device.type != "cpu":
         return F.linear(x, w.dequantize().to(x.dtype))
-    # Both kernels' time grows about linearly with the rows here (2-core AVX2: decoding the codes, not
-    # reading them, is the cost). coreinfer's is faster up to 2 rows (gate+up [3072, 576]: 109 vs 199 us
-    # for 1 row, 200 vs 265 for 2), torch's from 4 (385 vs 342 us; down [576, 1536] 322 vs 202).
-    layout = w.dense_gathered() if x.shape[0] <= MAX_GATHER_ROWS else None
+    # Batches too: torch's kernel is faster from 4 rows here (down [576, 1536]: 202 against 322 us) but
+    # rounds the scales to bf16, and under load that turned "three tips for sleeping better" into the
+    # "1. **1.1.1.1" near-tie loop that coreinfer's fp16 scales avoid; each row also gets exactly its
+    # single run's numbers this way.
+    layout = w.dense_gathered()
     if layout is not None:
         return int4_gather.gathered_mm(x, layout, -1.0)[0]
     out = None
