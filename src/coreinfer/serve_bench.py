@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
