@@ -11,7 +11,6 @@ from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
 from coreinfer.decode import int4_gather
 from coreinfer.decode.weights import Int4Weight, gathers
-from coreinfer.engine import reads_rows
 from coreinfer.token_sparsity import GROUPS, TokenThresholds, kept_entries, sparsify
 
 from conftest import TEST_DEVICE, prompts
@@ -97,7 +96,7 @@ def test_without_the_kernel_int4_token_level_falls_back(monkeypatch):
     assert gathers("bf16", torch.device("cpu"))
     engine = Engine(int4_exact_model(), tokenizer=None)
     backend = engine.backend("lean", "int4")
-    assert not reads_rows(backend)
+    assert not gathers(backend.weights, backend.model.device)
     assert not engine.token_pays(backend, SparsityConfig(keep=0.7, mode="token"))
     with pytest.raises(ValueError, match="int4"):
         backend.model.token_layers(TokenThresholds(torch.ones(4, len(GROUPS)), 0.5, "ffn"))
@@ -127,7 +126,8 @@ def test_lean_int4_token_level_reads_fewer_rows_and_tracks_the_masked_reference(
     engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4-gather")
     ps = prompts((9, 5, 12, 7), seed=3)
     engine.token_profile(ps, [p[::-1] * 2 for p in ps], progress=False)
-    assert reads_rows(engine.backend("lean", "int4"))
+    backend = engine.backend("lean", "int4")
+    assert gathers(backend.weights, backend.model.device)
     sparsity = SparsityConfig(mode="token", keep=0.5, targets="all")
     batch, conts = prompts((9, 5, 12), seed=2), prompts((7, 7, 7), seed=6)
     reference, _ = engine.continuation_logits(batch, conts, sparsity, backend="reference")
@@ -175,6 +175,6 @@ def test_auto_does_not_choose_token_level_on_int4(monkeypatch, tmp_path):
     monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
     engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4-auto")
     backend = engine.backend("lean", "int4")
-    assert reads_rows(backend) and not auto_reads_rows(backend)
+    assert gathers(backend.weights, backend.model.device) and not auto_reads_rows(backend)
     assert not engine.token_pays(backend, SparsityConfig(keep=0.7, mode="token"))
     assert engine.resolve_scored(SparsityConfig(keep="auto", mode="token"), backend) is None

@@ -35,7 +35,7 @@ from .decode.lean import LeanBackend, LeanModel
 from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
-from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel, gathers
+from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel
 from .loading import cache_root, gguf_int4_cache
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
@@ -195,16 +195,10 @@ class SparseSession:
         return sum(fractions) / len(fractions)
 
 
-def reads_rows(backend: DecodeBackend) -> bool:
-    """Whether token-level sparsity runs on ``backend``: the reference backend masks, and the lean
-    one gathers rows of fp32 or bf16 weights, and of int4 ones on a CPU where coreinfer's int4 kernel
-    builds, not of int8 (``decode.weights.gathers``)."""
-    return backend.name != "lean" or gathers(backend.weights, backend.model.device)
-
-
 def auto_reads_rows(backend: DecodeBackend) -> bool:
-    """Whether token-level ``keep="auto"`` may decode sparsely on ``backend``: ``reads_rows``, in a
-    format where that was measured to pay (``decode.weights.auto_gathers``: not int4)."""
+    """Whether token-level ``keep="auto"`` may decode sparsely on ``backend``: the reference backend
+    masks; the lean one where its format gathers rows and that was measured to pay
+    (``decode.weights.auto_gathers``: fp32 and bf16, not int8 or int4)."""
     return backend.name != "lean" or auto_gathers(backend.weights, backend.model.device)
 
 

@@ -223,7 +223,8 @@ class Lane:
         """Place ``request``'s sequences ``rows`` (rows of its own prefilled ``prompt_state``) in the lane."""
         n = len(self.rows)
         if n == 0:
-            self.state = LeanState(None, {}, self.rope, torch.zeros(0, dtype=torch.long), width, True)
+            no_rows = torch.zeros(0, dtype=torch.long, device=self.model.device)  # positions live beside the rope tables
+            self.state = LeanState(None, {}, self.rope, no_rows, width, True)
             self._allocate(len(rows), width + 1)
         elif self.slot < width:  # the newcomer's prompt is longer than the lane's history: make room on the left
             self._allocate(n + len(rows), width + 1)
@@ -239,8 +240,7 @@ class Lane:
             self.compacts.append({layer: (c.w13[row], c.w2[row]) for layer, c in prompt_state.compacts.items()})
         if prompt_state.token is not None:
             self.token = prompt_state.token
-        positions = prompt_state.positions[rows].to(self.state.positions.device)
-        self.state.positions = torch.cat([self.state.positions, positions])
+        self.state.positions = torch.cat([self.state.positions, prompt_state.positions[rows]])
         self._rebuild()
 
     def leave(self, lane_row: int) -> None:
@@ -439,7 +439,7 @@ class Scheduler:
                 room -= len(sub.prompts)
             self.starting = sum(len(sub.prompts) for sub in group)
         try:
-            plain: dict[int, list] = {}  # backend -> (submission, sparsity) prefilled densely, without recording
+            plain: dict[int, list] = {}  # id(backend) -> (submission, backend, sparsity): dense prefills, no recording
             for sub in group:
                 sub.admitted.set()
                 try:
