@@ -124,16 +124,16 @@ def test_lean_int4_tracks_fp32_on_the_same_values(keep):
     assert _relative_error(single, logits["int4"][1:]) < 0.01
 
 
-def without_int4_gather(monkeypatch):
-    """As where coreinfer's int4 gather kernel cannot be built (tests/test_int4_gather.py tests it)."""
-    from coreinfer.decode import int4_gather
+def without_cpu_kernels(monkeypatch):
+    """As where coreinfer's CPU kernels cannot be built (tests/test_int4_gather.py tests it)."""
+    from coreinfer.decode import cpu_kernels
 
-    monkeypatch.setattr(int4_gather, "_module", None)
-    monkeypatch.setattr(int4_gather, "_failed", "turned off for the test")
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", "turned off for the test")
 
 
 def test_without_the_gather_kernel_token_level_refuses_int4_and_the_default_decodes_it_densely(monkeypatch):
-    without_int4_gather(monkeypatch)
+    without_cpu_kernels(monkeypatch)
     engine = Engine(tiny_model("llama"), tokenizer=None)
     with pytest.raises(ValueError, match="int4"):
         engine.backend("lean", "int4").model.token_layers(TokenThresholds(torch.ones(4, len(GROUPS)), 0.5, "ffn"))
@@ -143,7 +143,7 @@ def test_without_the_gather_kernel_token_level_refuses_int4_and_the_default_deco
 def test_default_scores_int4_as_it_decodes_it_densely_without_the_gather_kernel(monkeypatch, tmp_path):
     """Without the gather kernel the default's token-level level has no int4 path: scoring it on int4
     scores the dense int4 model."""
-    without_int4_gather(monkeypatch)
+    without_cpu_kernels(monkeypatch)
     monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
     engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4")
     batch = prompts((9, 5), seed=3)

@@ -9,14 +9,14 @@ import torch
 
 from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
-from coreinfer.decode import int4_gather
+from coreinfer.decode import cpu_kernels, int4_gather
 from coreinfer.decode.weights import Int4Weight, gathers
 from coreinfer.token_sparsity import GROUPS, TokenThresholds, kept_entries, sparsify
 
 from conftest import TEST_DEVICE, prompts
 from test_int4 import _relative_error, int4_exact_model
 
-needs_kernel = pytest.mark.skipif(TEST_DEVICE != "cpu" or not int4_gather.available(),
+needs_kernel = pytest.mark.skipif(TEST_DEVICE != "cpu" or not cpu_kernels.available(),
                                   reason="the int4 gather kernel (a CPU with AVX2, FMA and F16C, and a compiler)")
 
 
@@ -90,9 +90,9 @@ def test_layout_is_built_once_and_refused_where_fp16_cannot_hold_the_scales():
 def test_without_the_kernel_int4_token_level_falls_back(monkeypatch):
     """Where the extension cannot be built, int4 reads no rows: explicit token-level refuses it and the
     default (resolve) decodes it densely, as before the kernel."""
-    monkeypatch.setattr(int4_gather, "_module", None)
-    monkeypatch.setattr(int4_gather, "_failed", "turned off for the test")
-    assert not int4_gather.available() and not gathers("int4", torch.device("cpu"))
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", "turned off for the test")
+    assert not cpu_kernels.available() and not gathers("int4", torch.device("cpu"))
     assert gathers("bf16", torch.device("cpu"))
     engine = Engine(int4_exact_model(), tokenizer=None)
     backend = engine.backend("lean", "int4")
@@ -104,17 +104,17 @@ def test_without_the_kernel_int4_token_level_falls_back(monkeypatch):
 
 
 def test_a_failing_build_warns_once_and_never_raises(monkeypatch):
-    monkeypatch.setattr(int4_gather, "_module", None)
-    monkeypatch.setattr(int4_gather, "_failed", None)
-    monkeypatch.setattr(int4_gather, "_cpu_flags", lambda: set(int4_gather.FLAGS))
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", None)
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels.FLAGS))
 
     def broken():
         raise RuntimeError("g++: not found")
 
-    monkeypatch.setattr(int4_gather, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
     with pytest.warns(RuntimeWarning, match="g\\+\\+: not found"):
-        assert not int4_gather.available()
-    assert not int4_gather.available()  # no second build, no second warning
+        assert not cpu_kernels.available()
+    assert not cpu_kernels.available()  # no second build, no second warning
 
 
 @needs_kernel

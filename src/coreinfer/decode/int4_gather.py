@@ -7,85 +7,21 @@ never read. The scale and min of each group of 32 inputs per output (``w = scale
 are fp16, ``[in / 32, out]``; GGUF stores them in fp16 (Q4_0, Q4_1) or as products of fp16 and
 6-bit integers (Q4_K), which fp16 holds to 2**-11 (the torch kernel rounds them to bf16, 2**-8).
 
-The C++ source (``int4_gather.cpp``, AVX2 + FMA + F16C) is compiled on first use with
-``torch.utils.cpp_extension.load`` into torch's extension directory (``TORCH_EXTENSIONS_DIR``) and
-reused after. Where it cannot be built (no compiler, no AVX2, another architecture) ``available()``
-is False after one warning, and callers keep today's dense path. ``COREINFER_INT4_GATHER=0`` turns
-it off.
+The C++ source is ``int4_gather.cpp``, built with the other CPU kernels (``cpu_kernels``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-KERNEL = "int4-gather-avx2-v2"  # names speed verdicts measured with this kernel, dense int4 included (Engine.token_pays)
+from . import cpu_kernels
+
 GROUP = 32
 BLOCK = 64  # outputs per 32-byte block of one input's codes
 MAX_TILE_BLOCKS = 16  # a tile's fp32 sums (1024 outputs, 4 KB) stay in L1 while its rows stream
-SOURCE = Path(__file__).with_name("int4_gather.cpp")
-FLAGS = frozenset(("avx2", "fma", "f16c"))
-
-_lock = threading.Lock()
-_module = None
-_failed: Optional[str] = None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return set(next((line.split() for line in info if line.startswith("flags")), []))
-    except OSError:
-        return set()
-
-
-def _build():
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load_inline(
-        name="coreinfer_int4_gather",
-        cpp_sources=[SOURCE.read_text()],
-        functions=["gather_mm", "set_tuning"],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
-
-
-def module():
-    """The compiled extension, or None (after one warning) where it cannot be built or is turned off."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        reason = None
-        if os.environ.get("COREINFER_INT4_GATHER", "1") == "0":
-            reason = "turned off by COREINFER_INT4_GATHER=0"
-        elif not FLAGS <= _cpu_flags():
-            reason = f"this CPU lacks {', '.join(sorted(set(FLAGS) - _cpu_flags()))}"
-        else:
-            try:
-                _module = _build()
-            except Exception as error:  # a compiler missing or failing: fall back, never crash
-                reason = f"could not build it ({type(error).__name__}: {str(error).strip().splitlines()[-1:] or ''})"
-        if reason is not None:
-            _failed = reason
-            if not reason.startswith("turned off"):
-                warnings.warn(f"coreinfer's int4 gather kernel is unavailable, {reason}: token-level sparsity "
-                              "on int4 weights decodes densely", RuntimeWarning, stacklevel=3)
-        return _module
-
-
-def available() -> bool:
-    return module() is not None
 
 
 @dataclass
@@ -135,13 +71,13 @@ class Int4Gather:
 def gathered_mm(x: torch.Tensor, w: Int4Gather, threshold: float) -> tuple[torch.Tensor, list[int]]:
     """``sparsify(x, threshold) @ W.T`` for ``x`` ``[B, in]`` (fp32 or bf16), reading only the kept
     inputs' codes; ``threshold < 0`` keeps every input. Returns ``[B, out]`` in ``x``'s dtype and
-    the inputs kept per sequence. Needs ``available()``."""
-    return (_module or module()).gather_mm(x.contiguous(), w.codes, w.scales, w.mins, w.out_features, w.tile_blocks,
+    the inputs kept per sequence. Needs ``cpu_kernels.available()``."""
+    return cpu_kernels.module().gather_mm(x.contiguous(), w.codes, w.scales, w.mins, w.out_features, w.tile_blocks,
                                            float(threshold))
 
 
-def tile_width(blocks: int, threads: int, widest: int = MAX_TILE_BLOCKS) -> int:
+def tile_width(blocks: int, threads: int, widest: Optional[int] = None) -> int:
     """Blocks per tile: tiles of at most ``widest`` blocks, as many as a multiple of ``threads``, near equal."""
-    threads = max(1, threads)
+    threads, widest = max(1, threads), widest or MAX_TILE_BLOCKS
     tiles = threads * -(-blocks // (threads * widest))
     return max(1, -(-blocks // tiles))

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..token_sparsity import group_index
-from . import int4_gather
+from . import cpu_kernels, int4_gather
 from .gguf_blocks import gguf_int4_weights
 from .weights import (
     GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, cpu_has_native_bf16,
@@ -89,7 +89,14 @@ class LeanModel:
         if config.model_type not in SUPPORTED_TYPES:
             raise ValueError(f"the lean backend supports {', '.join(SUPPORTED_TYPES)}, not {config.model_type}")
         self.weights = weights
-        self.dtype = activation_dtype(weights)
+        # What dense matrices are held in (and torch's int4 kernel computes in): bf16 unless fp32.
+        self.store_dtype = activation_dtype(weights)
+        # int4 on a CPU where coreinfer's kernels build: fp32 activations (the kernel reads fp32 as fast
+        # as bf16, and bf16 elementwise ops are slow without native bf16), and each layer's small
+        # pieces as single calls (cpu_kernels: residual_norm, attend). SmolLM2, one token on a 2-core
+        # AVX2 CPU: 28.5 ms with bf16 activations and ATen pieces, 23.8 ms fp32, FUSED_STEP_MS fused.
+        self.fused = weights == "int4" and hf_model.device.type == "cpu" and cpu_kernels.available()
+        self.dtype = torch.float32 if self.fused else self.store_dtype
         # Attention's own dtype (queries, keys, values, cache). On a CPU without native bf16, bf16
         # attention is the slow part: one query against 100 keys took 131 us in bf16 and 35 us in
         # fp32 on a 2-core AVX2 CPU (SmolLM2's heads), 30 layers a token.
@@ -110,7 +117,7 @@ class LeanModel:
         self.act = _mlp(hf_model.model.layers[0]).act_fn
         # int4 from a GGUF: the file's own blocks where they hold a matrix exactly, bf16 where they cannot.
         # (Held only while the matrices are built: _matrix and _fused read it.)
-        self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.dtype, gguf_cache)
+        self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.store_dtype, gguf_cache)
                       if weights == "int4" and gguf else None)
         self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
         self.norm = self._norm(hf_model.model.norm)
@@ -120,7 +127,7 @@ class LeanModel:
         self._gguf = None  # the layers hold what they use
         _pack(self.matrices())
         # The model's own LM head (not a copy), read for a few rows per token: see exact_top_logits.
-        self.head_exact = None if weights == "fp32" else hf_model.get_output_embeddings().weight.detach()
+        self.head_exact = None if self.dtype == torch.float32 else hf_model.get_output_embeddings().weight.detach()
         embed = hf_model.model.embed_tokens
         self.embed = embed.weight  # read one row per token: keep the model's own
         self.embed_scale = float(getattr(embed, "scalar_embed_scale", 1.0))
@@ -162,7 +169,7 @@ class LeanModel:
         loaded weight."""
         if self._gguf is None:
             return quantize(weight, self.weights)
-        return self._gguf[name] if name in self._gguf else _c(weight, self.dtype)
+        return self._gguf[name] if name in self._gguf else _c(weight, self.store_dtype)
 
     def _fused(self, parts: list[tuple[str, torch.Tensor]]) -> Weight:
         """Matrices stacked by rows (q, k, v; gate, up); dense if any part is dense."""
@@ -171,7 +178,7 @@ class LeanModel:
         matrices = [self._matrix(name, w) for name, w in parts]
         if all(isinstance(m, Int4Weight) for m in matrices):
             return cat_rows(matrices)
-        return _c(torch.cat([w for _, w in parts]), self.dtype)
+        return _c(torch.cat([w for _, w in parts]), self.store_dtype)
 
     def matrices(self) -> list[Weight]:
         """Every decode-time weight matrix: the LM head, then each layer's."""
@@ -225,7 +232,7 @@ class LeanModel:
                 if threshold <= 0:
                     continue
                 weight = getattr(layer, TOKEN_WEIGHTS[group])
-                if isinstance(weight, Int8Weight) or (isinstance(weight, Int4Weight) and not int4_gather.available()):
+                if isinstance(weight, Int8Weight) or (isinstance(weight, Int4Weight) and not cpu_kernels.available()):
                     raise ValueError("token-level sparsity on the lean backend needs fp32, bf16 or (on a CPU with "
                                      f"AVX2, where coreinfer's int4 kernel builds) int4 weights, not {self.weights}")
                 if isinstance(weight, Int4Weight):
@@ -348,30 +355,35 @@ def _project(x: torch.Tensor, w: Weight, group: str, index: int, step: "_Step") 
 
 
 def _attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, cache: KVCache, index: int, step: _Step):
+    """The attention block's output for one new token per sequence (before Gemma's output norm)."""
     batch = x.shape[0]
     h, kv, hd = model.n_heads, model.n_kv_heads, model.head_dim
     qkv = _project(x, layer.wqkv, "qkv", index, step)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
+    # A sliding-window layer sees the last ``window`` slots (left padding keeps slot distances).
+    first = max(0, step.slot + 1 - layer.window) if layer.window else 0
+    cos, sin = step.rope[layer.rope]
+    if model.fused:
+        out = cpu_kernels.attend(qkv, cos.view(batch, hd), sin.view(batch, hd), cache.keys[index],
+                                 cache.values[index], cache.valid, h, kv, step.slot, first,
+                                 model.scale or hd ** -0.5, layer.q_norm, layer.k_norm, model.eps)
+        return _project(out, layer.wo, "o", index, step)
     qkv = qkv.to(model.attn_dtype)
     qkv = qkv.view(batch, 1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, 1, hd]
     qk, v = qkv[:, : h + kv], qkv[:, h + kv :]
     if layer.q_norm is not None:
         qk = torch.cat([F.rms_norm(qk[:, :h], (hd,), layer.q_norm, model.eps),
                         F.rms_norm(qk[:, h:], (hd,), layer.k_norm, model.eps)], dim=1)
-    cos, sin = step.rope[layer.rope]
     qk = _rotate(qk, cos, sin)  # queries and keys together
     q = qk[:, :h]
     cache.keys[index][:, :, step.slot : step.slot + 1] = qk[:, h:]
     cache.values[index][:, :, step.slot : step.slot + 1] = v
-    # A sliding-window layer sees the last ``window`` slots (left padding keeps slot distances).
-    first = max(0, step.slot + 1 - layer.window) if layer.window else 0
     keys = cache.keys[index][:, :, first : step.slot + 1]
     values = cache.values[index][:, :, first : step.slot + 1]
     mask = None if step.mask is None else step.mask[..., first:]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv != h, scale=model.scale)
-    out = _project(out.transpose(1, 2).reshape(batch, h * hd).to(model.dtype), layer.wo, "o", index, step)
-    return out if layer.attn_out_norm is None else F.rms_norm(out, (out.shape[-1],), layer.attn_out_norm, model.eps)
+    return _project(out.transpose(1, 2).reshape(batch, h * hd).to(model.dtype), layer.wo, "o", index, step)
 
 
 def _gated(model: LeanModel, x: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
@@ -387,16 +399,26 @@ def _token_gated(model: LeanModel, layer: LeanLayer, x: torch.Tensor, index: int
 def _ffn(
     model: LeanModel, layer: LeanLayer, compact: Optional[CompactLayer], x: torch.Tensor, index: int, step: "_Step"
 ) -> torch.Tensor:
+    """The FFN block's output (before Gemma's output norm)."""
     if step.token is not None:
-        out = _token_gated(model, layer, x, index, step)
-    elif compact is None:
-        out = _gated(model, x, layer.w13, layer.w2)
-    elif x.shape[0] == 1:
-        out = _gated(model, x, compact.w13[0], compact.w2[0])
-    else:
-        # Each sequence has its own kept neurons; batches are small, so one matmul pair per sequence.
-        out = torch.cat([_gated(model, x[b : b + 1], compact.w13[b], compact.w2[b]) for b in range(x.shape[0])])
-    return out if layer.ffn_out_norm is None else F.rms_norm(out, (out.shape[-1],), layer.ffn_out_norm, model.eps)
+        return _token_gated(model, layer, x, index, step)
+    if compact is None:
+        return _gated(model, x, layer.w13, layer.w2)
+    if x.shape[0] == 1:
+        return _gated(model, x, compact.w13[0], compact.w2[0])
+    # Each sequence has its own kept neurons; batches are small, so one matmul pair per sequence.
+    return torch.cat([_gated(model, x[b : b + 1], compact.w13[b], compact.w2[b]) for b in range(x.shape[0])])
+
+
+def _add_norm(model: LeanModel, x: torch.Tensor, out: Optional[torch.Tensor], out_norm: Optional[torch.Tensor],
+              norm: torch.Tensor) -> torch.Tensor:
+    """The residual stream ``x += out`` (``out`` first normed by ``out_norm``: Gemma 3), in place;
+    returns ``rms_norm(x, norm)``, the next block's input."""
+    if out is not None and model.fused:
+        return cpu_kernels.residual_norm(x, out, norm, model.eps, out_norm)
+    if out is not None:
+        x.add_(out if out_norm is None else F.rms_norm(out, (out.shape[-1],), out_norm, model.eps))
+    return F.rms_norm(x, (x.shape[-1],), norm, model.eps)
 
 
 def decode_step(
@@ -406,12 +428,13 @@ def decode_step(
     x = model.embed[tokens].to(model.dtype)  # [B, d]
     if model.embed_scale != 1.0:
         x = x * torch.tensor(model.embed_scale, dtype=model.embed.dtype).to(model.dtype)
+    out, out_norm = None, None  # the previous block's output, added to x by the next _add_norm
     for index, layer in enumerate(model.layers):
-        attn_in = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, model.eps)
-        x.add_(_attention(model, layer, attn_in, cache, index, step))
-        ffn_in = F.rms_norm(x, (x.shape[-1],), layer.ffn_norm, model.eps)
-        x.add_(_ffn(model, layer, compacts.get(index), ffn_in, index, step))
-    x = F.rms_norm(x, (x.shape[-1],), model.norm, model.eps)
+        attn_in = _add_norm(model, x, out, out_norm, layer.attn_norm)
+        out, out_norm = _attention(model, layer, attn_in, cache, index, step), layer.attn_out_norm
+        ffn_in = _add_norm(model, x, out, out_norm, layer.ffn_norm)
+        out, out_norm = _ffn(model, layer, compacts.get(index), ffn_in, index, step), layer.ffn_out_norm
+    x = _add_norm(model, x, out, out_norm, model.norm)
     logits = linear(x, model.lm_head)
     if model.head_exact is not None:
         logits = exact_top_logits(logits, x, model.head_exact)

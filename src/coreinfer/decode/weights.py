@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch.nn import functional as F
 
-from . import int4_gather
+from . import cpu_kernels, int4_gather
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # weights per scale and offset: GGUF's Q4_0/Q4_1 blocks and Q4_K's sub-blocks
@@ -38,7 +38,7 @@ def gathers(weights: str, device: torch.device) -> bool:
     fp32 and bf16 everywhere (``gathered_linear``), int4 on a CPU where ``int4_gather`` builds."""
     if weights in GATHER_FORMATS:
         return True
-    return weights == "int4" and device.type == "cpu" and int4_gather.available()
+    return weights == "int4" and device.type == "cpu" and cpu_kernels.available()
 
 
 # Formats where keep="auto" may decode token-level (Engine.token_pays). Not int4: on a 2-core AVX2
@@ -55,7 +55,7 @@ def auto_gathers(weights: str, device: torch.device) -> bool:
 
 def gather_kernel(weights: str) -> str:
     """The name of the kernel token-level products run in this format (speed verdicts are kept per kernel)."""
-    return int4_gather.KERNEL if weights == "int4" else GATHER_KERNEL
+    return cpu_kernels.KERNEL if weights == "int4" else GATHER_KERNEL
 
 
 def cpu_has_native_bf16() -> bool:
@@ -193,14 +193,13 @@ class Int4Weight:
         kernel is unavailable, the matrix is not on the CPU, or a scale does not fit fp16."""
         if not self._gather_tried:
             self._gather_tried = True
-            if self.group == int4_gather.GROUP and self.codes[0].device.type == "cpu" and int4_gather.available():
+            if self.group == int4_gather.GROUP and self.codes[0].device.type == "cpu" and cpu_kernels.available():
                 self._gather = int4_gather.Int4Gather.of(self.codes, self.scale_zeros)
         return self._gather
 
     def dense_gathered(self) -> Optional[int4_gather.Int4Gather]:
-        """``gathered()`` where dense products read it too: with bf16 activations (the product's int4),
-        whose torch kernel rounds the scales to bf16, so fp16 scales lose nothing against it. fp32
-        activations keep torch's kernel and its fp32 scales."""
+        """``gathered()`` where dense products read it too: with bf16 scales (the product's int4), which
+        fp16 holds at least as well."""
         return self.gathered() if self.dtype == torch.bfloat16 else None
 
     @classmethod
@@ -296,6 +295,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if isinstance(w, Int4Weight):
         return int4_linear(x, w)
     if not isinstance(w, Int8Weight):
+        if w.dtype != x.dtype:  # a bf16 matrix among int4 ones (a GGUF's Q6_K) under fp32 activations
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w)
     if x.shape[-1] != w.q.shape[1]:
         x = F.pad(x, (0, w.q.shape[1] - x.shape[-1]))
@@ -318,10 +319,11 @@ def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     if layout is not None:
         return int4_gather.gathered_mm(x, layout, -1.0)[0]
     out = None
+    x_in = x.to(w.dtype)  # torch's kernel computes in the matrix's dtype (bf16: fp32 ran 11x slower)
     for packed, scale_zeros in w.kernel():
-        part = torch._weight_int4pack_mm_for_cpu(x, packed, w.group, scale_zeros)
+        part = torch._weight_int4pack_mm_for_cpu(x_in, packed, w.group, scale_zeros)
         out = part if out is None else out.add_(part)
-    return out
+    return out.to(x.dtype)
 
 
 def int8_linear_portable(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
