@@ -65,6 +65,8 @@ def test_threshold_zero_is_dense_and_a_batch_is_its_singles():
     for b in range(5):
         alone, kept_alone = int4_gather.gathered_mm(x[b : b + 1], layout, 0.8)
         assert torch.equal(alone[0], together[b]) and kept_alone == [kept[b]]
+        # A dense batch unpacks each row once for all sequences, in the single run's order of sums.
+        assert torch.equal(int4_gather.gathered_mm(x[b : b + 1], layout, -1.0)[0][0], dense[b])
 
 
 @needs_kernel

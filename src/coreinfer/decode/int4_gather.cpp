@@ -92,17 +92,71 @@ inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, i
   }
 }
 
+// The same for several sequences that keep the same inputs (a dense batch): acc of sequence s at
+// acc + s * stride, its values x[s][0 .. N). Each row's codes are unpacked once for all sequences,
+// so a batch of B costs far less than B products (the unpacking is most of the arithmetic).
+template <int N>
+inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
+                              const float* const* x, int64_t blocks) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m256i v[N];
+    for (int i = 0; i < N; ++i) v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + blk * 32));
+#define CI_NIBBLE(Q)                                                          \
+    {                                                                         \
+      __m256 c[N];                                                            \
+      for (int i = 0; i < N; ++i) c[i] = nibble<Q>(v[i]);                     \
+      for (int64_t s = 0; s < seqs; ++s) {                                    \
+        float* a = acc + s * stride + blk * 64 + 8 * Q;                       \
+        __m256 sum = _mm256_loadu_ps(a);                                      \
+        for (int i = 0; i < N; ++i) sum = _mm256_fmadd_ps(_mm256_set1_ps(x[s][i]), c[i], sum); \
+        _mm256_storeu_ps(a, sum);                                             \
+      }                                                                       \
+    }
+    CI_NIBBLE(0) CI_NIBBLE(1) CI_NIBBLE(2) CI_NIBBLE(3) CI_NIBBLE(4) CI_NIBBLE(5) CI_NIBBLE(6) CI_NIBBLE(7)
+#undef CI_NIBBLE
+  }
+}
+
+// Software prefetch of the tile bytes of the kept rows prefetch_rows ahead of entry e (0: off).
+inline void prefetch(const uint8_t* tile_codes, const Kept& k, int32_t e, int64_t row_bytes, int64_t groups) {
+  if (!prefetch_rows) return;
+  const int32_t stop = std::min<int32_t>(e + prefetch_rows + 4, k.start[groups]);
+  for (int32_t f = e + prefetch_rows; f < stop; ++f) {
+    const uint8_t* row = tile_codes + k.index[f] * row_bytes;
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
+  }
+}
+
+// One group's sums into the output tile: y += scale * acc (the power of 16 of each nibble undone) + min * x_sum.
+inline void scale_into(float* y_tile, const float* acc, const at::Half* s_row, const at::Half* m_row, float x_sum,
+                       int64_t blocks) {
+  const float inv16[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
+  const __m256 xs = _mm256_set1_ps(x_sum);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int q = 0; q < 8; ++q) {
+      const int64_t r = blk * BLOCK + 8 * q;
+      const __m256 s = _mm256_mul_ps(load_halves(s_row + r), _mm256_set1_ps(inv16[q]));
+      __m256 y = _mm256_loadu_ps(y_tile + r);
+      y = _mm256_fmadd_ps(s, _mm256_loadu_ps(acc + r), y);
+      y = _mm256_fmadd_ps(load_halves(m_row + r), xs, y);
+      _mm256_storeu_ps(y_tile + r, y);
+    }
+  }
+}
+
 // Tiles [tile_begin, tile_end) of every sequence's output, into out (fp32, [B, outp]). Tile t is
 // blocks [t * tb, (t + 1) * tb) (the last may be narrower), stored as one slab: its rows, one per input,
 // each blocks * 32 bytes, so a tile's kept rows are read in input order from one contiguous range.
 void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t planes, int64_t in,
-               int64_t outp, int64_t tb, const std::vector<Kept>& kept, float* out, int64_t tile_begin, int64_t tile_end) {
+               int64_t outp, int64_t tb, const std::vector<Kept>& kept, bool shared, float* out, int64_t tile_begin,
+               int64_t tile_end) {
   const int64_t groups = in / GROUP;
   const int64_t nblocks = outp / BLOCK;
   const int64_t batch = static_cast<int64_t>(kept.size());
-  std::vector<float> acc_buffer(tb * BLOCK + 16);
+  const int64_t stride = tb * BLOCK;
+  std::vector<float> acc_buffer((shared ? batch : 1) * stride + 16);
+  std::vector<const float*> xs(batch);
   float* acc = acc_buffer.data();
-  const float inv16[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t first_block = t * tb;
     const int64_t blocks = std::min(first_block + tb, nblocks) - first_block;
@@ -113,6 +167,26 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
       for (int64_t g = 0; g < groups; ++g) {
         const at::Half* s_row = scales + (p * groups + g) * outp + tile * BLOCK;
         const at::Half* m_row = mins + (p * groups + g) * outp + tile * BLOCK;
+        if (shared) {  // every sequence keeps every input: one pass over the rows for all of them
+          std::fill(acc, acc + batch * stride, 0.f);
+          const Kept& k = kept[0];
+          const uint8_t* rows[4];
+          for (int32_t e = k.start[g]; e < k.start[g + 1]; e += 4) {
+            const int n = std::min<int32_t>(4, k.start[g + 1] - e);
+            for (int i = 0; i < n; ++i) rows[i] = tile_codes + k.index[e + i] * row_bytes;
+            prefetch(tile_codes, k, e, row_bytes, groups);
+            for (int64_t b = 0; b < batch; ++b) xs[b] = kept[b].value.data() + e;
+            switch (n) {
+              case 4: accumulate_shared<4>(acc, stride, batch, rows, xs.data(), blocks); break;
+              case 3: accumulate_shared<3>(acc, stride, batch, rows, xs.data(), blocks); break;
+              case 2: accumulate_shared<2>(acc, stride, batch, rows, xs.data(), blocks); break;
+              default: accumulate_shared<1>(acc, stride, batch, rows, xs.data(), blocks); break;
+            }
+          }
+          for (int64_t b = 0; b < batch; ++b)
+            scale_into(out + b * outp + tile * BLOCK, acc + b * stride, s_row, m_row, kept[b].sum[g], blocks);
+          continue;
+        }
         for (int64_t b = 0; b < batch; ++b) {
           const Kept& k = kept[b];
           const int32_t first = k.start[g], last = k.start[g + 1];
@@ -123,14 +197,7 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
           for (; e < last; e += 4) {
             const int n = std::min<int32_t>(4, last - e);
             for (int i = 0; i < n; ++i) rows[i] = tile_codes + k.index[e + i] * row_bytes;
-            if (prefetch_rows) {
-              const int32_t stop = std::min<int32_t>(e + prefetch_rows + 4, k.start[groups]);
-              for (int32_t f = e + prefetch_rows; f < stop; ++f) {
-                const uint8_t* row = tile_codes + k.index[f] * row_bytes;
-                for (int64_t off = 0; off < blocks * 32; off += 64)
-                  _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
-              }
-            }
+            prefetch(tile_codes, k, e, row_bytes, groups);
             const float* x = k.value.data() + e;
             switch (n) {
               case 4: accumulate<4>(acc, rows, x, blocks); break;
@@ -139,18 +206,7 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
               default: accumulate<1>(acc, rows, x, blocks); break;
             }
           }
-          const __m256 xs = _mm256_set1_ps(k.sum[g]);
-          float* y_tile = out + b * outp + tile * BLOCK;
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            for (int q = 0; q < 8; ++q) {
-              const int64_t r = blk * BLOCK + 8 * q;
-              const __m256 s = _mm256_mul_ps(load_halves(s_row + r), _mm256_set1_ps(inv16[q]));
-              __m256 y = _mm256_loadu_ps(y_tile + r);
-              y = _mm256_fmadd_ps(s, _mm256_loadu_ps(acc + r), y);
-              y = _mm256_fmadd_ps(load_halves(m_row + r), xs, y);
-              _mm256_storeu_ps(y_tile + r, y);
-            }
-          }
+          scale_into(out + b * outp + tile * BLOCK, acc, s_row, m_row, k.sum[g], blocks);
         }
       }
     }
@@ -191,7 +247,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> gather_mm(const at::Tensor& x, cons
   TORCH_CHECK(tile_blocks > 0, "tile_blocks");
   const int64_t tiles = (outp / BLOCK + tile_blocks - 1) / tile_blocks;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    run_tiles(c, s, m, planes, in, outp, tile_blocks, kept, a, begin, end);
+    run_tiles(c, s, m, planes, in, outp, tile_blocks, kept, threshold < 0 && batch > 1, a, begin, end);
   });
   at::Tensor y = out_features == outp ? acc : acc.narrow(1, 0, out_features);
   if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
