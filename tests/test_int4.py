@@ -107,7 +107,7 @@ def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("keep", [None, 0.1, 0.4])  # 0.1: 8 neurons, so gate and up each 8 rows, packed together
 def test_lean_int4_tracks_fp32_on_the_same_values(keep):
     """Dense and sentence-level compact int4 decoding give the logits fp32 gives on the int4 values,
-    as closely as bf16 weights do (int4 runs bf16 activations), and a batch gives each single run."""
+    as closely as bf16 weights do, and a batch gives each single run."""
     engine = Engine(int4_exact_model(), tokenizer=None)
     lean = engine.backend("lean", "int4").model
     assert all(isinstance(w, Int4Weight) for layer in lean.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))

@@ -72,9 +72,10 @@ def default_weights(device: torch.device, gguf: bool = False) -> str:
     """The weight format the lean backend uses unless told otherwise (``--weights auto``): the fastest
     that reproduces the model's own weights.
 
-    - A GGUF source on the CPU: int4, the file's own 4-bit blocks (codes exact, scales rounded to
-      bf16 for the kernel). On a 2-core AVX2 CPU it decoded SmolLM2 at 34 tok/s against bf16's 26
-      and fp32's 11, agreeing with fp32 on 144 of 144 teacher-forced tokens.
+    - A GGUF source on the CPU: int4, the file's own 4-bit blocks (codes exact; scales fp16 in
+      coreinfer's kernel, bf16 in torch's). On a 2-core AVX2 CPU it decoded SmolLM2 at 61 tok/s
+      (the fused step, ``decode.cpu_kernels``) against bf16's 26 and fp32's 11, teacher-forced
+      agreement with fp32 1.00.
     - CUDA, or a CPU with native bf16 (AVX-512 BF16 or AMX): bf16.
     - Elsewhere fp32. bf16 is faster even here (2.3x on SmolLM2), but it rounds an fp32
       checkpoint's weights: opt in with ``weights="bf16"``.
@@ -93,9 +94,11 @@ def default_weights(device: torch.device, gguf: bool = False) -> str:
 
 
 def activation_dtype(weights: str) -> torch.dtype:
-    """fp32 for fp32 weights, else bf16. int4 too: PyTorch's CPU int4 kernel takes fp32 activations
-    (with fp32 scales, which would hold a GGUF's fp16 scales exactly) but ran 11x slower than with
-    bf16 ones on a 2-core AVX2 CPU (SmolLM2's gate+up: 2.24 ms against 0.20 ms); fp16 was slower still."""
+    """The dtype a format's dense matrices are held in and torch's kernels compute in: fp32 for fp32
+    weights, else bf16. int4 too: PyTorch's CPU int4 kernel takes fp32 activations (with fp32 scales)
+    but ran 11x slower than with bf16 ones on a 2-core AVX2 CPU (SmolLM2's gate+up: 2.24 ms against
+    0.20 ms); fp16 was slower still. (Where coreinfer's own kernels build, int4 decodes in fp32:
+    ``LeanModel.fused``.)"""
     check_weights(weights)
     return torch.float32 if weights == "fp32" else torch.bfloat16
 
