@@ -76,8 +76,8 @@ def gathered_mm(x: torch.Tensor, w: Int4Gather, threshold: float) -> tuple[torch
                                            float(threshold))
 
 
-def tile_width(blocks: int, threads: int, widest: Optional[int] = None) -> int:
+def tile_width(blocks: int, threads: int, widest: int = MAX_TILE_BLOCKS) -> int:
     """Blocks per tile: tiles of at most ``widest`` blocks, as many as a multiple of ``threads``, near equal."""
-    threads, widest = max(1, threads), widest or MAX_TILE_BLOCKS
+    threads = max(1, threads)
     tiles = threads * -(-blocks // (threads * widest))
     return max(1, -(-blocks // tiles))
