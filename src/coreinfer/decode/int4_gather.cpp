@@ -98,6 +98,7 @@ inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, i
 template <int N>
 inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
                               const float* const* x, int64_t blocks) {
+  if (seqs == 1) return accumulate<N>(acc, rows, x[0], blocks);  // its values stay in registers
   for (int64_t blk = 0; blk < blocks; ++blk) {
     __m256i v[N];
     for (int i = 0; i < N; ++i) v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + blk * 32));
@@ -154,8 +155,9 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
   const int64_t nblocks = outp / BLOCK;
   const int64_t batch = static_cast<int64_t>(kept.size());
   const int64_t stride = tb * BLOCK;
-  std::vector<float> acc_buffer((shared ? batch : 1) * stride + 16);
-  std::vector<const float*> xs(batch);
+  const int64_t count = shared ? batch : 1;  // sequences that read each row together
+  std::vector<float> acc_buffer(count * stride + 16);
+  std::vector<const float*> xs(count);
   float* acc = acc_buffer.data();
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t first_block = t * tb;
@@ -167,46 +169,28 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
       for (int64_t g = 0; g < groups; ++g) {
         const at::Half* s_row = scales + (p * groups + g) * outp + tile * BLOCK;
         const at::Half* m_row = mins + (p * groups + g) * outp + tile * BLOCK;
-        if (shared) {  // every sequence keeps every input: one pass over the rows for all of them
-          std::fill(acc, acc + batch * stride, 0.f);
-          const Kept& k = kept[0];
-          const uint8_t* rows[4];
-          for (int32_t e = k.start[g]; e < k.start[g + 1]; e += 4) {
-            const int n = std::min<int32_t>(4, k.start[g + 1] - e);
-            for (int i = 0; i < n; ++i) rows[i] = tile_codes + k.index[e + i] * row_bytes;
-            prefetch(tile_codes, k, e, row_bytes, groups);
-            for (int64_t b = 0; b < batch; ++b) xs[b] = kept[b].value.data() + e;
-            switch (n) {
-              case 4: accumulate_shared<4>(acc, stride, batch, rows, xs.data(), blocks); break;
-              case 3: accumulate_shared<3>(acc, stride, batch, rows, xs.data(), blocks); break;
-              case 2: accumulate_shared<2>(acc, stride, batch, rows, xs.data(), blocks); break;
-              default: accumulate_shared<1>(acc, stride, batch, rows, xs.data(), blocks); break;
-            }
-          }
-          for (int64_t b = 0; b < batch; ++b)
-            scale_into(out + b * outp + tile * BLOCK, acc + b * stride, s_row, m_row, kept[b].sum[g], blocks);
-          continue;
-        }
-        for (int64_t b = 0; b < batch; ++b) {
-          const Kept& k = kept[b];
+        // Sequences b0 .. b0 + count keep the same inputs (kept[b0]'s): all of them in a dense batch,
+        // else one at a time. Their rows are read once for all of them.
+        for (int64_t b0 = 0; b0 < batch; b0 += count) {
+          const Kept& k = kept[b0];
           const int32_t first = k.start[g], last = k.start[g + 1];
           if (first == last) continue;  // nothing kept in this group: it adds nothing
-          std::fill(acc, acc + blocks * BLOCK, 0.f);
+          std::fill(acc, acc + count * stride, 0.f);
           const uint8_t* rows[4];
-          int32_t e = first;
-          for (; e < last; e += 4) {
+          for (int32_t e = first; e < last; e += 4) {
             const int n = std::min<int32_t>(4, last - e);
             for (int i = 0; i < n; ++i) rows[i] = tile_codes + k.index[e + i] * row_bytes;
             prefetch(tile_codes, k, e, row_bytes, groups);
-            const float* x = k.value.data() + e;
+            for (int64_t j = 0; j < count; ++j) xs[j] = kept[b0 + j].value.data() + e;
             switch (n) {
-              case 4: accumulate<4>(acc, rows, x, blocks); break;
-              case 3: accumulate<3>(acc, rows, x, blocks); break;
-              case 2: accumulate<2>(acc, rows, x, blocks); break;
-              default: accumulate<1>(acc, rows, x, blocks); break;
+              case 4: accumulate_shared<4>(acc, stride, count, rows, xs.data(), blocks); break;
+              case 3: accumulate_shared<3>(acc, stride, count, rows, xs.data(), blocks); break;
+              case 2: accumulate_shared<2>(acc, stride, count, rows, xs.data(), blocks); break;
+              default: accumulate_shared<1>(acc, stride, count, rows, xs.data(), blocks); break;
             }
           }
-          scale_into(out + b * outp + tile * BLOCK, acc, s_row, m_row, k.sum[g], blocks);
+          for (int64_t j = 0; j < count; ++j)
+            scale_into(out + (b0 + j) * outp + tile * BLOCK, acc + j * stride, s_row, m_row, kept[b0 + j].sum[g], blocks);
         }
       }
     }
