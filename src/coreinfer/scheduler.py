@@ -37,6 +37,13 @@ from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
 
 
+def check_limits(max_batch: int, max_queue: int, queue_timeout: float) -> None:
+    """The scheduler's limits, as ``Scheduler`` and the server's settings take them."""
+    if max_batch < 1 or max_queue < 0 or queue_timeout <= 0:
+        raise ValueError("max_batch must be at least 1, max_queue at least 0 and queue_timeout positive; got "
+                         f"{max_batch}, {max_queue} and {queue_timeout}")
+
+
 class QueueFull(Exception):
     """More requests are waiting than the server queues; ``retry_after`` seconds is a fair wait."""
 
@@ -68,6 +75,7 @@ class Submission:
     admitted: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Optional[Callable[[], None]] = None  # called once, from the scheduler's side, when done is set
+    on_admitted: Optional[Callable[[], None]] = None  # called from the scheduler's side when admitted is set
     results: Optional[list[GenerationResult]] = None
     error: Optional[BaseException] = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -87,6 +95,13 @@ class Submission:
             raise self.error
         return self.results
 
+    def admit(self) -> None:
+        """It has left the queue (to decode, or settled there)."""
+        if not self.admitted.is_set():
+            self.admitted.set()
+            if self.on_admitted is not None:
+                self.on_admitted()
+
     def complete(self, results: list[GenerationResult]) -> None:
         self._settle(results, None)
 
@@ -97,7 +112,7 @@ class Submission:
         if self.done.is_set():
             return
         self.results, self.error = results, error
-        self.admitted.set()
+        self.admit()
         self.done.set()
         if self.on_done is not None:
             self.on_done()
@@ -339,8 +354,7 @@ class Scheduler:
     """
 
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 60.0):
-        if max_batch < 1 or max_queue < 0 or queue_timeout <= 0:
-            raise ValueError("max_batch must be at least 1, max_queue at least 0 and queue_timeout positive")
+        check_limits(max_batch, max_queue, queue_timeout)
         self.engine, self.max_batch, self.max_queue, self.queue_timeout = engine, max_batch, max_queue, queue_timeout
         self.waiting: deque[Submission] = deque()
         self.lanes: dict[tuple[int, str], Lane] = {}
@@ -358,14 +372,17 @@ class Scheduler:
     def submit(self, prompts: Sequence[Sequence[int]], sparsity: Optional[SparsityConfig] = None,
                sampling: SamplingConfig = SamplingConfig(),
                on_token: Optional[Callable[[TokenEvent], None]] = None,
-               on_done: Optional[Callable[[], None]] = None) -> Submission:
+               on_done: Optional[Callable[[], None]] = None,
+               on_admitted: Optional[Callable[[], None]] = None) -> Submission:
         """Queue one batch of prompts; raises ``QueueFull`` when ``max_queue`` are waiting already.
 
-        ``on_token`` sees each token's event and ``on_done`` the end, both on the scheduler's thread.
+        ``on_token`` sees each token's event, ``on_admitted`` its leaving the queue and ``on_done``
+        the end, all on the scheduler's side.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        sub = Submission([list(p) for p in prompts], sparsity, sampling, on_token, on_done=on_done)
+        sub = Submission([list(p) for p in prompts], sparsity, sampling, on_token, on_done=on_done,
+                         on_admitted=on_admitted)
         with self.wake:
             # Waiting for the next free slot is not queueing; waiting behind a full batch is.
             queued = len(self.waiting) - max(0, self.max_batch - self.active)
@@ -441,7 +458,7 @@ class Scheduler:
         try:
             plain: dict[int, list] = {}  # id(backend) -> (submission, backend, sparsity): dense prefills, no recording
             for sub in group:
-                sub.admitted.set()
+                sub.admit()
                 try:
                     planned = self._plan(sub)
                 except Exception as err:  # a bad request fails alone; the others decode on

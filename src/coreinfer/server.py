@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import DEFAULT_SPARSITY
 from .config import mode_for
 from .engine import Engine, GenerationResult, SamplingConfig, SparsityConfig, TokenEvent
-from .scheduler import QueueFull, QueueTimeout, Scheduler, Submission
+from .scheduler import QueueFull, QueueTimeout, Scheduler, Submission, check_limits
 
 SUPPORTED_METHODS = ("stability",)  # similarity-guided selection is not wired in yet
 
@@ -70,9 +70,7 @@ class ServerSettings:
             raise ValueError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
         if self.max_choices < 1:
             raise ValueError(f"max_choices must be at least 1, got {self.max_choices}")
-        if self.max_batch < 1 or self.max_queue < 0 or self.queue_timeout <= 0:
-            raise ValueError("max_batch must be at least 1, max_queue at least 0 and queue_timeout positive; got "
-                             f"{self.max_batch}, {self.max_queue} and {self.queue_timeout}")
+        check_limits(self.max_batch, self.max_queue, self.queue_timeout)
 
 
 class APIError(Exception):
@@ -414,8 +412,8 @@ class _Job:
                     for k in range(self.n)]
         return [([ids for ids in self.prompts for _ in range(self.n)], s, list(range(self.choices)))]
 
-    def submit(self, scheduler: Scheduler, on_token: Callable[[TokenEvent], None],
-               on_done: Callable[[], None]) -> list[tuple[Submission, list[int]]]:
+    def submit(self, scheduler: Scheduler, on_token: Callable[[TokenEvent], None], on_done: Callable[[], None],
+               on_admitted: Callable[[], None]) -> list[tuple[Submission, list[int]]]:
         """Queue every batch of the job; ``on_token`` sees each event with its choice index.
 
         All or nothing: if the queue is full, what was queued is withdrawn and a 429 raised.
@@ -426,7 +424,8 @@ class _Job:
                 def relay(event: TokenEvent, indices=indices) -> None:
                     on_token(replace(event, index=indices[event.index]))
 
-                submitted.append((scheduler.submit(prompts, self.sparsity, sampling, relay, on_done), indices))
+                submitted.append((scheduler.submit(prompts, self.sparsity, sampling, relay, on_done, on_admitted),
+                                  indices))
         except QueueFull as err:
             for sub, _ in submitted:
                 sub.cancel()
@@ -503,7 +502,11 @@ class _Stream:
         self.job = job
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.submitted = job.submit(scheduler, self._put, lambda: self._put(None))
+        self.ready = asyncio.Event()  # every batch has left the scheduler's queue
+        # Empty until submit returns: an admission may call back (on the loop, later) even if a
+        # later batch then finds the queue full and this stream is never used.
+        self.submitted: list[tuple[Submission, list[int]]] = []
+        self.submitted = job.submit(scheduler, self._put, lambda: self._put(None), self._on_admitted)
 
     def _put(self, item) -> None:  # on the scheduler's thread
         try:
@@ -511,10 +514,20 @@ class _Stream:
         except RuntimeError:  # the event loop has closed (server shutting down)
             self.close()
 
+    def _on_admitted(self) -> None:  # on the scheduler's thread
+        try:
+            self.loop.call_soon_threadsafe(self._check_admitted)
+        except RuntimeError:  # the event loop has closed
+            pass
+
+    def _check_admitted(self) -> None:
+        if all(sub.admitted.is_set() for sub, _ in self.submitted):
+            self.ready.set()
+
     async def admitted(self) -> None:
         """Wait until every batch has left the queue; a 503 if one waited too long."""
-        while not all(sub.admitted.is_set() for sub, _ in self.submitted):
-            await asyncio.sleep(0.005)
+        self._check_admitted()  # batches admitted before this stream listened
+        await self.ready.wait()
         for sub, _ in self.submitted:
             if isinstance(sub.error, QueueTimeout):
                 self.close()
