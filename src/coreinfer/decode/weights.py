@@ -42,9 +42,9 @@ def gathers(weights: str, device: torch.device) -> bool:
 
 
 # Formats where keep="auto" may decode token-level (Engine.token_pays). Not int4: on a 2-core AVX2
-# CPU, SmolLM2, `coreinfer bench` (64 tokens, 3 alternated rounds), token-level at 0.7 decoded at
-# 0.90x dense int4 (37.4 against 42.1 tok/s): the kernel reads gathered rows less efficiently than
-# its own dense stream. Explicit token-level on int4 (mode="token", keep=0.7) still reads 0.7.
+# CPU, SmolLM2, `coreinfer bench` (64 tokens, 3 alternated rounds, the fused int4 step), token-level
+# at 0.7 decoded at 0.86x dense int4 (52.2 against 60.8 tok/s): scattered rows come from memory
+# slower than the kernel's dense stream (docs/weights.md). Explicit mode="token" on int4 still reads 0.7.
 AUTO_GATHER_FORMATS = ("fp32", "bf16")
 
 
@@ -314,8 +314,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     (CUDA) the honest fallback: dequantise, then matmul."""
     if x.device.type != "cpu":
         return F.linear(x, w.dequantize().to(x.dtype))
-    # Batches too: torch's kernel is faster from 4 rows here (down [576, 1536]: 202 against 322 us) but
-    # rounds the scales to bf16, and under load that turned "three tips for sleeping better" into the
+    # Batches too: torch's kernel was faster from 4 rows here (down [576, 1536]: 202 against 322 us,
+    # before this kernel unpacked a dense batch's rows once) but rounds the scales to bf16, and under load that turned "three tips for sleeping better" into the
     # "1. **1.1.1.1" near-tie loop that coreinfer's fp16 scales avoid; each row also gets exactly its
     # single run's numbers this way.
     layout = w.dense_gathered()
