@@ -42,7 +42,8 @@ def test_gathered_equals_masked_dense_on_the_dequantised_weights(out, inn, bits,
     """fp32 activations: equal to the masked product in float64 to fp32 rounding (1e-5 of the largest output)."""
     w = fp16_weight(out, inn, bits)
     layout = w.gathered()
-    assert layout is not None and layout.codes.shape == (len(w.codes), inn * -(-out // 64) * 32)
+    assert layout is not None and layout.bits == 4 * len(w.codes)  # two 4-bit planes join into one 8-bit
+    assert layout.codes.shape == (1, inn * -(-out // 64) * 32 * len(w.codes))
     x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(1))
     for threshold in (0.6, 0.0, -1.0):
         y, kept = int4_gather.gathered_mm(x, layout, threshold)
@@ -180,3 +181,19 @@ def test_auto_does_not_choose_token_level_on_int4(monkeypatch, tmp_path):
     assert gathers(backend.weights, backend.model.device) and not auto_reads_rows(backend)
     assert not engine.token_pays(backend, SparsityConfig(keep=0.7, mode="token"))
     assert engine.resolve_scored(SparsityConfig(keep="auto", mode="token"), backend) is None
+
+
+@needs_kernel
+def test_planes_that_do_not_join_stay_4_bit_and_exact():
+    """A 4-bit matrix stacked on an 8-bit one (a compact FFN's gate and up rows from Q4_K and Q5_0) has a
+    second plane of zeros under the 4-bit rows: no single 8-bit scale, so the kernel reads two 4-bit planes."""
+    from coreinfer.decode.weights import cat_rows
+
+    w = cat_rows([fp16_weight(64, 96, 4, seed=1), fp16_weight(64, 96, 8, seed=2)])
+    layout = w.gathered()
+    assert layout is not None and layout.bits == 4 and layout.codes.shape[0] == 2
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(4))
+    for threshold in (0.5, -1.0):
+        want = masked_reference(x, w, threshold)
+        torch.testing.assert_close(int4_gather.gathered_mm(x, layout, threshold)[0].double(), want,
+                                   atol=1e-5 * want.abs().max().item(), rtol=0)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 # Names speed verdicts measured with these kernels, dense int4 included (Engine.token_pays).
-KERNEL = "coreinfer-cpu-avx2-v4"
+KERNEL = "coreinfer-cpu-avx2-v5"
 SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "decode_ops.cpp")]
 FUNCTIONS = ["gather_mm", "set_tuning", "residual_norm", "attend"]
 FLAGS = frozenset(("avx2", "fma", "f16c"))
