@@ -284,6 +284,16 @@ def read_bandwidth(megabytes: int = 512, tries: int = 5) -> float:
     return data.numel() * 4 / best
 
 
+def gguf_file_type(path: Optional[str]) -> str:
+    """The GGUF's own name for its quantisation (``q4_1``, ``q4_k_m``), what llama.cpp decodes."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return "gguf"
+    return LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").lower()
+
+
 def bytes_per_token(
     runners: Runners, config: BenchConfig, ffn_density: float, gguf: Optional[str], weight_share: float = 1.0
 ) -> int:
@@ -471,7 +481,7 @@ def run_bench(
             "targets": config.targets if config.mode == "token" else None,
             "dense_tokens": DEFAULT_SPARSITY.warmup if config.keep == "auto" and config.mode == "sentence" else 0,
             "rule": config.rule if config.keep is not None and config.mode == "sentence" else None,
-            "weights": "q4_1" if config.kind == "llamacpp" else config.weights,
+            "weights": gguf_file_type(gguf) if config.kind == "llamacpp" else config.weights,
             "ffn_density": round(density, 4),
             "weight_share": round(last.weight_share, 4),
             "decode_tok_s": round(decode, 2),

@@ -242,7 +242,10 @@ class Int4Weight:
         return out_features * in_features
 
     def nbytes(self) -> int:
-        """What one product reads: the codes, and the scales in the activation dtype."""
+        """What one product reads: the codes, and the scales in the activation dtype (coreinfer's kernel's
+        layout where it is built: one 8-bit plane for two joined 4-bit ones, fp16 scales and mins)."""
+        if self._gather is not None:
+            return self._gather.nbytes()
         return sum(c.numel() + sz.numel() * self.dtype.itemsize for c, sz in zip(self.codes, self.scale_zeros))
 
 
