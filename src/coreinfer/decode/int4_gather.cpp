@@ -12,7 +12,8 @@
 //
 // y[b, r] = sum_p sum_g  s[p,g,r] * sum_{n in keep_b, g} x[b,n] code[p,n,r]  +  m[p,g,r] * sum_{n in keep_b, g} x[b,n]
 //
-// fp32 accumulation; at::parallel_for over 64-output blocks.
+// fp32 accumulation; at::parallel_for over 64-output blocks. Built for AVX-512 where the CPU has it (two
+// rows per vector, see accumulate), else AVX2.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -84,6 +85,91 @@ inline __m256 code(__m256i v) {
 template <int BITS>
 constexpr int64_t block_bytes() { return BLOCK * BITS / 8; }
 
+#ifdef __AVX512F__
+// AVX-512: two rows per 512-bit vector (row 2j in the low 256 bits, row 2j + 1 in the high), so each
+// unpack and multiply-add covers twice the weights. acc holds two partial sums per output (ACC = 2:
+// vector q of block blk at acc + 128 blk + 16 q, even rows' sums then odd rows'); scale_into adds them.
+constexpr int ACC = 2;
+
+template <int BITS, int K>
+inline __m512 code512(__m512i v) {
+  constexpr int per_lane = 32 / BITS;
+  if constexpr (K == per_lane - 1) return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 32 - BITS));
+  else return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(((1 << BITS) - 1) << (BITS * K))));
+}
+
+// Rows a and b's 32 bytes at offset off, as one vector.
+inline __m512i load_pair(const uint8_t* a, const uint8_t* b, int64_t off) {
+  const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off)), 1);
+}
+
+// x[2j] in the low half, x[2j + 1] (0 past the last row) in the high half.
+template <int N>
+inline void pair_values(const float* x, __m512* xv) {
+  for (int j = 0; j < (N + 1) / 2; ++j)
+    xv[j] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x[2 * j]), _mm512_set1_ps(2 * j + 1 < N ? x[2 * j + 1] : 0.f));
+}
+
+// acc += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes), in ACC partial sums.
+template <int BITS, int N, int... K>
+inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, int64_t blocks,
+                       std::integer_sequence<int, K...>) {
+  constexpr int per_lane = 32 / BITS, pairs = (N + 1) / 2;
+  __m512 xv[pairs];
+  pair_values<N>(x, xv);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int w = 0; w < BITS / 4; ++w) {
+      __m512i v[pairs];
+      const int64_t off = blk * CHUNK * block_bytes<BITS>() + 32 * w;
+      for (int j = 0; j < pairs; ++j) v[j] = load_pair(rows[2 * j], rows[std::min(2 * j + 1, N - 1)], off);
+      float* a = acc + ACC * (blk * BLOCK + 8 * per_lane * w);
+      auto one = [&](auto k) {
+        __m512 s = _mm512_loadu_ps(a + 16 * k.value);
+        for (int j = 0; j < pairs; ++j) s = _mm512_fmadd_ps(xv[j], code512<BITS, k.value>(v[j]), s);
+        _mm512_storeu_ps(a + 16 * k.value, s);
+      };
+      (one(std::integral_constant<int, K>{}), ...);
+    }
+  }
+}
+
+// The same for several sequences that keep the same inputs (a dense batch), as the AVX2 version below.
+template <int BITS, int N, int... K>
+inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
+                              const float* const* x, int64_t blocks, std::integer_sequence<int, K...> ks) {
+  constexpr int per_lane = 32 / BITS, pairs = (N + 1) / 2;
+  if (seqs == 1) return accumulate<BITS, N>(acc, rows, x[0], blocks, ks);  // its values stay in registers
+  std::vector<__m512> xv(seqs * pairs);
+  for (int64_t s = 0; s < seqs; ++s) pair_values<N>(x[s], xv.data() + s * pairs);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int w = 0; w < BITS / 4; ++w) {
+      __m512i v[pairs];
+      const int64_t off = blk * CHUNK * block_bytes<BITS>() + 32 * w;
+      for (int j = 0; j < pairs; ++j) v[j] = load_pair(rows[2 * j], rows[std::min(2 * j + 1, N - 1)], off);
+      const int64_t first = ACC * (blk * BLOCK + 8 * per_lane * w);
+      auto one = [&](auto k) {
+        __m512 c[pairs];
+        for (int j = 0; j < pairs; ++j) c[j] = code512<BITS, k.value>(v[j]);
+        for (int64_t s = 0; s < seqs; ++s) {
+          float* a = acc + s * stride + first + 16 * k.value;
+          __m512 sum = _mm512_loadu_ps(a);
+          for (int j = 0; j < pairs; ++j) sum = _mm512_fmadd_ps(xv[s * pairs + j], c[j], sum);
+          _mm512_storeu_ps(a, sum);
+        }
+      };
+      (one(std::integral_constant<int, K>{}), ...);
+    }
+  }
+}
+
+// Output vector r (8 outputs from r) of a tile's sums: its two partial sums added.
+inline __m256 load_sums(const float* acc, int64_t r) {
+  return _mm256_add_ps(_mm256_loadu_ps(acc + 2 * r), _mm256_loadu_ps(acc + 2 * r + 8));
+}
+#else
+constexpr int ACC = 1;  // one sum per output
+
 // acc[0 .. 64 * blocks) += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes).
 template <int BITS, int N, int... K>
 inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, int64_t blocks,
@@ -136,6 +222,9 @@ inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const ui
   }
 }
 
+inline __m256 load_sums(const float* acc, int64_t r) { return _mm256_loadu_ps(acc + r); }
+#endif
+
 template <int BITS, int N>
 inline void accumulate_rows(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
                             const float* const* x, int64_t blocks) {
@@ -175,7 +264,7 @@ inline void scale_into(float* y_tile, const float* acc, const at::Half* s_row, c
       const int64_t r = blk * BLOCK + 8 * q;
       const __m256 s = _mm256_mul_ps(load_halves(s_row + r), _mm256_set1_ps(undo[q]));
       __m256 y = _mm256_loadu_ps(y_tile + r);
-      y = _mm256_fmadd_ps(s, _mm256_loadu_ps(acc + r), y);
+      y = _mm256_fmadd_ps(s, load_sums(acc, r), y);
       y = _mm256_fmadd_ps(load_halves(m_row + r), xs, y);
       _mm256_storeu_ps(y_tile + r, y);
     }
@@ -192,7 +281,7 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
   const int64_t groups = in / GROUP;
   const int64_t nblocks = outp / BLOCK;
   const int64_t batch = static_cast<int64_t>(kept.size());
-  const int64_t stride = tb * BLOCK;
+  const int64_t stride = tb * BLOCK * ACC;
   const int64_t count = shared ? batch : 1;  // sequences that read each row together
   std::vector<float> acc_buffer(count * stride + 16);
   std::vector<const float*> xs(count);
