@@ -37,11 +37,13 @@ def _cpu_flags() -> set[str]:
 # build's 90.7 (+4 %: the products are fed from cache more than bound by arithmetic).
 # COREINFER_CPU_ISA=avx2 builds the AVX2 code anyway (to compare, or to test it on such a CPU).
 ISA = os.environ.get("COREINFER_CPU_ISA") or ("avx512" if "avx512f" in _cpu_flags() else "avx2")
+if ISA not in ("avx2", "avx512"):
+    raise ValueError(f"COREINFER_CPU_ISA must be avx2 or avx512, not {ISA!r}")
 # Names speed verdicts measured with these kernels, dense int4 included (Engine.token_pays).
 KERNEL = f"coreinfer-cpu-{ISA}-v5"
 SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "decode_ops.cpp")]
 FUNCTIONS = ["gather_mm", "set_tuning", "residual_norm", "attend"]
-FLAGS = frozenset(("avx2", "fma", "f16c"))
+FLAGS = frozenset(("avx2", "fma", "f16c") + (("avx512f",) if ISA == "avx512" else ()))  # what the build needs
 
 _lock = threading.Lock()
 _module = None

@@ -13,7 +13,7 @@
 // y[b, r] = sum_p sum_g  s[p,g,r] * sum_{n in keep_b, g} x[b,n] code[p,n,r]  +  m[p,g,r] * sum_{n in keep_b, g} x[b,n]
 //
 // fp32 accumulation; at::parallel_for over 64-output blocks. Built for AVX-512 where the CPU has it (two
-// rows per vector, see accumulate), else AVX2.
+// rows per vector, see Vec), else AVX2.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -74,119 +74,89 @@ inline __m256 load_halves(const at::Half* p) {
 // one thread, SmolLM2's gate+up [3072, 576]: 329 us without, 181 us at 8 rows, 172 us at 16.
 int prefetch_rows = 16;
 
-// Code k of every 32-bit lane of v as floats, times 2^(BITS * k) (the last one shifted down, times 1).
-template <int BITS, int K>
-inline __m256 code(__m256i v) {
-  constexpr int per_lane = 32 / BITS;
-  if constexpr (K == per_lane - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 32 - BITS));
-  else return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * K))));
-}
-
 template <int BITS>
 constexpr int64_t block_bytes() { return BLOCK * BITS / 8; }
 
-#ifdef __AVX512F__
-// AVX-512: two rows per 512-bit vector (row 2j in the low 256 bits, row 2j + 1 in the high), so each
-// unpack and multiply-add covers twice the weights. acc holds two partial sums per output (ACC = 2:
-// vector q of block blk at acc + 128 blk + 16 q, even rows' sums then odd rows'); scale_into adds them.
-constexpr int ACC = 2;
-
-template <int BITS, int K>
-inline __m512 code512(__m512i v) {
+// Code k of every 32-bit lane of v, AND-ed in place (times 2^(BITS * k); the last one shifted down).
+template <int BITS, int K, typename I, typename And, typename Shift>
+inline I code_bits(I v, And and_, Shift shift_right) {
   constexpr int per_lane = 32 / BITS;
-  if constexpr (K == per_lane - 1) return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 32 - BITS));
-  else return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(((1 << BITS) - 1) << (BITS * K))));
+  if constexpr (K == per_lane - 1) return shift_right(v, 32 - BITS);
+  else return and_(v, ((1 << BITS) - 1) << (BITS * K));
 }
 
-// Rows a and b's 32 bytes at offset off, as one vector.
-inline __m512i load_pair(const uint8_t* a, const uint8_t* b, int64_t off) {
-  const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off)), 1);
+// The vectors the products run in. AVX2: one row per 256-bit vector. AVX-512: two rows per 512-bit
+// vector (row 2j in the low half, row 2j + 1 in the high), so each unpack and multiply-add covers
+// twice the weights, and acc holds ROWS partial sums per output (vector q of block blk at
+// acc + ROWS * (64 blk + 8 q), the even rows' sums first); scale_into adds them.
+#ifdef __AVX512F__
+struct Vec {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int ROWS = 2;
+  static I load(const uint8_t* const* rows, int j, int n, int64_t off) {
+    const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * j] + off));
+    const uint8_t* high = rows[std::min(2 * j + 1, n - 1)];  // past the last row: any row, times 0
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + off)), 1);
+  }
+  static F value(const float* x, int j, int n) {  // x[2j] in the low half, x[2j + 1] (0 past the last) in the high
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x[2 * j]), _mm512_set1_ps(2 * j + 1 < n ? x[2 * j + 1] : 0.f));
+  }
+  template <int BITS, int K>
+  static F code(I v) {
+    return _mm512_cvtepi32_ps(code_bits<BITS, K>(
+        v, [](I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); },
+        [](I a, int n) { return _mm512_srli_epi32(a, n); }));
+  }
+  static F load_acc(const float* p) { return _mm512_loadu_ps(p); }
+  static void store_acc(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#else
+struct Vec {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int ROWS = 1;
+  static I load(const uint8_t* const* rows, int j, int, int64_t off) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + off));
+  }
+  static F value(const float* x, int j, int) { return _mm256_set1_ps(x[j]); }
+  template <int BITS, int K>
+  static F code(I v) {
+    return _mm256_cvtepi32_ps(code_bits<BITS, K>(
+        v, [](I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); },
+        [](I a, int n) { return _mm256_srli_epi32(a, n); }));
+  }
+  static F load_acc(const float* p) { return _mm256_loadu_ps(p); }
+  static void store_acc(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#endif
+constexpr int ACC = Vec::ROWS;  // partial sums per output
+
+// Output vector r (8 outputs from r) of a tile's sums, its partial sums added.
+inline __m256 load_sums(const float* acc, int64_t r) {
+  if constexpr (ACC == 2) return _mm256_add_ps(_mm256_loadu_ps(acc + 2 * r), _mm256_loadu_ps(acc + 2 * r + 8));
+  else return _mm256_loadu_ps(acc + r);
 }
 
-// x[2j] in the low half, x[2j + 1] (0 past the last row) in the high half.
-template <int N>
-inline void pair_values(const float* x, __m512* xv) {
-  for (int j = 0; j < (N + 1) / 2; ++j)
-    xv[j] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x[2 * j]), _mm512_set1_ps(2 * j + 1 < N ? x[2 * j + 1] : 0.f));
-}
-
-// acc += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes), in ACC partial sums.
+// acc += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes), over 64 * blocks outputs.
 template <int BITS, int N, int... K>
 inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, int64_t blocks,
                        std::integer_sequence<int, K...>) {
-  constexpr int per_lane = 32 / BITS, pairs = (N + 1) / 2;
-  __m512 xv[pairs];
-  pair_values<N>(x, xv);
+  constexpr int per_lane = 32 / BITS, vecs = (N + Vec::ROWS - 1) / Vec::ROWS;
+  typename Vec::F xv[vecs];
+  for (int j = 0; j < vecs; ++j) xv[j] = Vec::value(x, j, N);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     for (int w = 0; w < BITS / 4; ++w) {
-      __m512i v[pairs];
-      const int64_t off = blk * CHUNK * block_bytes<BITS>() + 32 * w;
-      for (int j = 0; j < pairs; ++j) v[j] = load_pair(rows[2 * j], rows[std::min(2 * j + 1, N - 1)], off);
+      typename Vec::I v[vecs];
+      for (int j = 0; j < vecs; ++j) v[j] = Vec::load(rows, j, N, blk * CHUNK * block_bytes<BITS>() + 32 * w);
       float* a = acc + ACC * (blk * BLOCK + 8 * per_lane * w);
       auto one = [&](auto k) {
-        __m512 s = _mm512_loadu_ps(a + 16 * k.value);
-        for (int j = 0; j < pairs; ++j) s = _mm512_fmadd_ps(xv[j], code512<BITS, k.value>(v[j]), s);
-        _mm512_storeu_ps(a + 16 * k.value, s);
-      };
-      (one(std::integral_constant<int, K>{}), ...);
-    }
-  }
-}
-
-// The same for several sequences that keep the same inputs (a dense batch), as the AVX2 version below.
-template <int BITS, int N, int... K>
-inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
-                              const float* const* x, int64_t blocks, std::integer_sequence<int, K...> ks) {
-  constexpr int per_lane = 32 / BITS, pairs = (N + 1) / 2;
-  if (seqs == 1) return accumulate<BITS, N>(acc, rows, x[0], blocks, ks);  // its values stay in registers
-  std::vector<__m512> xv(seqs * pairs);
-  for (int64_t s = 0; s < seqs; ++s) pair_values<N>(x[s], xv.data() + s * pairs);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    for (int w = 0; w < BITS / 4; ++w) {
-      __m512i v[pairs];
-      const int64_t off = blk * CHUNK * block_bytes<BITS>() + 32 * w;
-      for (int j = 0; j < pairs; ++j) v[j] = load_pair(rows[2 * j], rows[std::min(2 * j + 1, N - 1)], off);
-      const int64_t first = ACC * (blk * BLOCK + 8 * per_lane * w);
-      auto one = [&](auto k) {
-        __m512 c[pairs];
-        for (int j = 0; j < pairs; ++j) c[j] = code512<BITS, k.value>(v[j]);
-        for (int64_t s = 0; s < seqs; ++s) {
-          float* a = acc + s * stride + first + 16 * k.value;
-          __m512 sum = _mm512_loadu_ps(a);
-          for (int j = 0; j < pairs; ++j) sum = _mm512_fmadd_ps(xv[s * pairs + j], c[j], sum);
-          _mm512_storeu_ps(a, sum);
-        }
-      };
-      (one(std::integral_constant<int, K>{}), ...);
-    }
-  }
-}
-
-// Output vector r (8 outputs from r) of a tile's sums: its two partial sums added.
-inline __m256 load_sums(const float* acc, int64_t r) {
-  return _mm256_add_ps(_mm256_loadu_ps(acc + 2 * r), _mm256_loadu_ps(acc + 2 * r + 8));
-}
-#else
-constexpr int ACC = 1;  // one sum per output
-
-// acc[0 .. 64 * blocks) += sum_i x[i] * code(rows[i]) for N rows (their tile's bytes).
-template <int BITS, int N, int... K>
-inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, int64_t blocks,
-                       std::integer_sequence<int, K...>) {
-  constexpr int per_lane = 32 / BITS;
-  __m256 xv[N];
-  for (int i = 0; i < N; ++i) xv[i] = _mm256_set1_ps(x[i]);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    for (int w = 0; w < BITS / 4; ++w) {
-      __m256i v[N];
-      for (int i = 0; i < N; ++i)
-        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + blk * CHUNK * block_bytes<BITS>() + 32 * w));
-      float* a = acc + blk * BLOCK + 8 * per_lane * w;
-      auto one = [&](auto k) {
-        __m256 s = _mm256_loadu_ps(a + 8 * k.value);
-        for (int i = 0; i < N; ++i) s = _mm256_fmadd_ps(xv[i], code<BITS, k.value>(v[i]), s);
-        _mm256_storeu_ps(a + 8 * k.value, s);
+        float* at = a + 8 * ACC * k.value;
+        typename Vec::F s = Vec::load_acc(at);
+        for (int j = 0; j < vecs; ++j) s = Vec::fma(xv[j], Vec::template code<BITS, k.value>(v[j]), s);
+        Vec::store_acc(at, s);
       };
       (one(std::integral_constant<int, K>{}), ...);
     }
@@ -199,22 +169,24 @@ inline void accumulate(float* acc, const uint8_t* const* rows, const float* x, i
 template <int BITS, int N, int... K>
 inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
                               const float* const* x, int64_t blocks, std::integer_sequence<int, K...> ks) {
-  constexpr int per_lane = 32 / BITS;
+  constexpr int per_lane = 32 / BITS, vecs = (N + Vec::ROWS - 1) / Vec::ROWS;
   if (seqs == 1) return accumulate<BITS, N>(acc, rows, x[0], blocks, ks);  // its values stay in registers
+  std::vector<typename Vec::F> xv(seqs * vecs);
+  for (int64_t s = 0; s < seqs; ++s)
+    for (int j = 0; j < vecs; ++j) xv[s * vecs + j] = Vec::value(x[s], j, N);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     for (int w = 0; w < BITS / 4; ++w) {
-      __m256i v[N];
-      for (int i = 0; i < N; ++i)
-        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + blk * CHUNK * block_bytes<BITS>() + 32 * w));
-      const int64_t first = blk * BLOCK + 8 * per_lane * w;
+      typename Vec::I v[vecs];
+      for (int j = 0; j < vecs; ++j) v[j] = Vec::load(rows, j, N, blk * CHUNK * block_bytes<BITS>() + 32 * w);
+      const int64_t first = ACC * (blk * BLOCK + 8 * per_lane * w);
       auto one = [&](auto k) {
-        __m256 c[N];
-        for (int i = 0; i < N; ++i) c[i] = code<BITS, k.value>(v[i]);
+        typename Vec::F c[vecs];
+        for (int j = 0; j < vecs; ++j) c[j] = Vec::template code<BITS, k.value>(v[j]);
         for (int64_t s = 0; s < seqs; ++s) {
-          float* a = acc + s * stride + first + 8 * k.value;
-          __m256 sum = _mm256_loadu_ps(a);
-          for (int i = 0; i < N; ++i) sum = _mm256_fmadd_ps(_mm256_set1_ps(x[s][i]), c[i], sum);
-          _mm256_storeu_ps(a, sum);
+          float* a = acc + s * stride + first + 8 * ACC * k.value;
+          typename Vec::F sum = Vec::load_acc(a);
+          for (int j = 0; j < vecs; ++j) sum = Vec::fma(xv[s * vecs + j], c[j], sum);
+          Vec::store_acc(a, sum);
         }
       };
       (one(std::integral_constant<int, K>{}), ...);
@@ -222,21 +194,19 @@ inline void accumulate_shared(float* acc, int64_t stride, int64_t seqs, const ui
   }
 }
 
-inline __m256 load_sums(const float* acc, int64_t r) { return _mm256_loadu_ps(acc + r); }
-#endif
-
 template <int BITS, int N>
 inline void accumulate_rows(float* acc, int64_t stride, int64_t seqs, const uint8_t* const* rows,
                             const float* const* x, int64_t blocks) {
   accumulate_shared<BITS, N>(acc, stride, seqs, rows, x, blocks, std::make_integer_sequence<int, 32 / BITS>{});
 }
 
-// Software prefetch of the tile bytes of the kept rows prefetch_rows ahead of entry e (0: off).
+// Input n's first block in its tile's slab (rows are interleaved CHUNK at a time).
 template <int BITS>
 inline const uint8_t* row_start(const uint8_t* tile_codes, int32_t n, int64_t row_bytes) {
   return tile_codes + (n / CHUNK) * CHUNK * row_bytes + (n % CHUNK) * block_bytes<BITS>();
 }
 
+// Software prefetch of the tile bytes of the kept rows prefetch_rows ahead of entry e (0: off).
 template <int BITS>
 inline void prefetch(const uint8_t* tile_codes, const Kept& k, int32_t e, int64_t row_bytes, int64_t groups) {
   if (!prefetch_rows) return;
@@ -273,7 +243,8 @@ inline void scale_into(float* y_tile, const float* acc, const at::Half* s_row, c
 
 // Tiles [tile_begin, tile_end) of every sequence's output, into out (fp32, [B, outp]). Tile t is
 // blocks [t * tb, (t + 1) * tb) (the last may be narrower), stored as one slab: its rows, one per input,
-// each blocks * 32 bytes, so a tile's kept rows are read in input order from one contiguous range.
+// each blocks * block_bytes, interleaved CHUNK rows at a time block by block (row_start), so a tile's
+// kept rows are read in input order from one contiguous range.
 template <int BITS>
 void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t planes, int64_t in,
                int64_t outp, int64_t tb, const std::vector<Kept>& kept, bool shared, float* out, int64_t tile_begin,
@@ -296,11 +267,6 @@ void run_tiles(const uint8_t* codes, const at::Half* scales, const at::Half* min
       for (int64_t g = 0; g < groups; ++g) {
         const at::Half* s_row = scales + (p * groups + g) * outp + tile * BLOCK;
         const at::Half* m_row = mins + (p * groups + g) * outp + tile * BLOCK;
-        if (prefetch_rows)  // the group's scales and mins lie in rows of their own: fetch them while its codes stream
-          for (int64_t off = 0; off < blocks * BLOCK * 2; off += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(s_row) + off, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(m_row) + off, _MM_HINT_T0);
-          }
         // Sequences b0 .. b0 + count keep the same inputs (kept[b0]'s): all of them in a dense batch,
         // else one at a time. Their rows are read once for all of them.
         for (int64_t b0 = 0; b0 < batch; b0 += count) {
