@@ -1,7 +1,7 @@
 """coreinfer's own CPU kernels, one C++ extension built on first use.
 
-- ``int4_gather.cpp``: the int4 product that reads only the kept inputs' codes (``int4_gather``),
-  dense int4's product too;
+- ``int4_gather.cpp``: the int4 product that reads only the kept inputs' codes (``int4_gather``);
+- ``int4_dense.cpp``: dense int4's product, output-major with int16 activations (``int4_dense``);
 - ``decode_ops.cpp``: the small pieces of an fp32 decode step, each one call (``residual_norm``,
   ``attend``). Measured on SmolLM2 int4 (2-core AVX2 CPU, one token): the weight products took
   10.9 of 23.8 ms; the rest was ~450 ATen ops, among them 30 ``scaled_dot_product_attention`` calls at
@@ -32,18 +32,19 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-# The int4 product runs two rows per 512-bit vector where the CPU has AVX-512 (int4_gather.cpp). On a
-# 2-core Xeon, SmolLM2 dense int4, 64 tokens greedy (alternated): 94.9 and 93.8 tok/s against the AVX2
-# build's 90.7 (+4 %: the products are fed from cache more than bound by arithmetic).
+# The kernels run 512-bit vectors where the CPU has AVX-512 with VNNI (int4_dense's vpdpwssd; the gather
+# kernel's two rows per vector). On a 2-core Xeon, SmolLM2 dense int4 with the gather kernel, 64 tokens
+# greedy (alternated): 94.9 and 93.8 tok/s against the AVX2 build's 90.7.
 # COREINFER_CPU_ISA=avx2 builds the AVX2 code anyway (to compare, or to test it on such a CPU).
-ISA = os.environ.get("COREINFER_CPU_ISA") or ("avx512" if "avx512f" in _cpu_flags() else "avx2")
+_AVX512 = ("avx512f", "avx512bw", "avx512_vnni")
+ISA = os.environ.get("COREINFER_CPU_ISA") or ("avx512" if set(_AVX512) <= _cpu_flags() else "avx2")
 if ISA not in ("avx2", "avx512"):
     raise ValueError(f"COREINFER_CPU_ISA must be avx2 or avx512, not {ISA!r}")
 # Names speed verdicts measured with these kernels, dense int4 included (Engine.token_pays).
-KERNEL = f"coreinfer-cpu-{ISA}-v5"
-SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "decode_ops.cpp")]
-FUNCTIONS = ["gather_mm", "set_tuning", "residual_norm", "attend"]
-FLAGS = frozenset(("avx2", "fma", "f16c") + (("avx512f",) if ISA == "avx512" else ()))  # what the build needs
+KERNEL = f"coreinfer-cpu-{ISA}-v6"
+SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "int4_dense.cpp", "decode_ops.cpp")]
+FUNCTIONS = ["gather_mm", "dense_mm", "set_tuning", "residual_norm", "attend"]
+FLAGS = frozenset(("avx2", "fma", "f16c") + (_AVX512 if ISA == "avx512" else ()))  # what the build needs
 
 _lock = threading.Lock()
 _module = None
@@ -57,7 +58,8 @@ def _build():
         name=f"coreinfer_cpu_kernels_{ISA}",  # one build per instruction set: a shared cache never mixes them
         cpp_sources=[source.read_text() for source in SOURCES],
         functions=FUNCTIONS,
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavx512f"] if ISA == "avx512" else []),
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+        + (["-mavx512f", "-mavx512bw", "-mavx512vnni"] if ISA == "avx512" else []),
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

@@ -43,36 +43,58 @@ class Int4Gather:
     @classmethod
     def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor],
            threads: Optional[int] = None) -> Optional["Int4Gather"]:
-        """From ``Int4Weight``'s planes (codes ``[out, in / 2]``, ``(scale, zero)`` ``[in / 32, out, 2]``,
-        ``w = (code - 8) * scale + zero``); None where a scale or min does not fit fp16 to 2**-10."""
-        out_features, in_features = codes[0].shape[0], codes[0].shape[1] * 2
+        """From ``Int4Weight``'s planes (``kernel_planes``); None where a scale or min does not fit fp16."""
+        planes = kernel_planes(codes, scale_zeros)
+        if planes is None:
+            return None
+        bits, values, scales, mins = planes
+        out_features, in_features = values[0].shape
         outp = -(-out_features // BLOCK) * BLOCK
         tile_blocks = tile_width(outp // BLOCK, threads or torch.get_num_threads())
-        values = [torch.stack([c & 15, c >> 4], dim=-1).view(out_features, in_features) for c in codes]
-        affine = [(sz[..., 0].float(), sz[..., 1].float() - 8 * sz[..., 0].float()) for sz in scale_zeros]
-        bits = 4
-        if len(codes) == 2 and torch.equal(affine[1][0], 16 * affine[0][0]):
-            # code_0 + 16 code_1 under plane 0's scale, the planes' mins summed: one 8-bit plane.
-            bits, values = 8, [values[0] | (values[1] << 4)]
-            affine = [(affine[0][0], affine[0][1] + affine[1][1])]
-        planes, scales, mins = [], [], []
-        for code, (scale, minimum) in zip(values, affine):
+        layouts = []
+        for code in values:
             code_t = code.new_zeros(in_features, outp)
             code_t[:, :out_features] = code.t()
-            planes.append(_blocked(code_t, bits, tile_blocks))
-            for value, into in ((scale, scales), (minimum, mins)):
-                half = value.to(torch.float16)
-                error = (half.float() - value).abs()
-                if not torch.isfinite(half).all() or bool((error > value.abs() * 2.0 ** -10 + 1e-30).any()):
-                    return None
-                padded = half.new_zeros(in_features // GROUP, outp)
-                padded[:, :out_features] = half
-                into.append(padded)
-        return cls(torch.stack(planes).contiguous(), torch.stack(scales).contiguous(),
-                   torch.stack(mins).contiguous(), out_features, tile_blocks, bits)
+            layouts.append(_blocked(code_t, bits, tile_blocks))
+        return cls(torch.stack(layouts).contiguous(), _padded(scales, outp), _padded(mins, outp), out_features,
+                   tile_blocks, bits)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins))
+
+
+def kernel_planes(codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]
+                  ) -> Optional[tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+    """``Int4Weight``'s planes (codes ``[out, in / 2]``, ``(scale, zero)`` ``[in / 32, out, 2]``,
+    ``w = (code - 8) * scale + zero``) as the CPU kernels read them: ``(bits, codes, scales, mins)`` with
+    codes ``[out, in]`` (one per byte) and fp16 ``[in / 32, out]`` scales and mins, ``w = scale * code + min``.
+    Two 4-bit planes whose second scale is 16x the first are one 8-bit plane (Q5_0, Q5_1, Q8_0). None
+    where a scale or min does not fit fp16 to 2**-10."""
+    out_features, in_features = codes[0].shape[0], codes[0].shape[1] * 2
+    values = [torch.stack([c & 15, c >> 4], dim=-1).view(out_features, in_features) for c in codes]
+    affine = [(sz[..., 0].float(), sz[..., 1].float() - 8 * sz[..., 0].float()) for sz in scale_zeros]
+    bits = 4
+    if len(codes) == 2 and torch.equal(affine[1][0], 16 * affine[0][0]):
+        # code_0 + 16 code_1 under plane 0's scale, the planes' mins summed: one 8-bit plane.
+        bits, values = 8, [values[0] | (values[1] << 4)]
+        affine = [(affine[0][0], affine[0][1] + affine[1][1])]
+    halves: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for pair in affine:
+        for value, into in zip(pair, halves):
+            half = value.to(torch.float16)
+            error = (half.float() - value).abs()
+            if not torch.isfinite(half).all() or bool((error > value.abs() * 2.0 ** -10 + 1e-30).any()):
+                return None
+            into.append(half)
+    return bits, values, halves[0], halves[1]
+
+
+def _padded(halves: list[torch.Tensor], outp: int) -> torch.Tensor:
+    """Per-plane ``[in / 32, out]`` fp16 as ``[P, in / 32, outp]``, zero past ``out``."""
+    padded = halves[0].new_zeros(len(halves), halves[0].shape[0], outp)
+    for plane, half in enumerate(halves):
+        padded[plane, :, : half.shape[1]] = half
+    return padded
 
 
 def _blocked(code_t: torch.Tensor, bits: int, tile_blocks: int) -> torch.Tensor:

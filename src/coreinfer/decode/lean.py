@@ -268,7 +268,7 @@ def mlp_width(layer: LeanLayer) -> int:
 def _pack(weights: list[Weight]) -> None:
     """Build the layout an int4 product reads now (it is otherwise made on first use)."""
     for w in weights:
-        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu" and w.dense_gathered() is None:
+        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu" and w.dense_layout() is None:
             w.kernel()
 
 

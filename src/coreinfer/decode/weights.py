@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch.nn import functional as F
 
-from . import cpu_kernels, int4_gather
+from . import cpu_kernels, int4_dense, int4_gather
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # weights per scale and offset: GGUF's Q4_0/Q4_1 blocks and Q4_K's sub-blocks
@@ -168,6 +168,9 @@ class Int4Weight:
     # The same codes input-major for token-level products (int4_gather.Int4Gather), made on first use.
     _gather: Optional[int4_gather.Int4Gather] = None
     _gather_tried: bool = False
+    # And output-major for dense products (int4_dense.Int4Dense), made on first use.
+    _dense: Optional[int4_dense.Int4Dense] = None
+    _dense_tried: bool = False
 
     @classmethod
     def from_integers(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
@@ -200,10 +203,16 @@ class Int4Weight:
                 self._gather = int4_gather.Int4Gather.of(self.codes, self.scale_zeros)
         return self._gather
 
-    def dense_gathered(self) -> Optional[int4_gather.Int4Gather]:
-        """``gathered()`` where dense products read it too: with bf16 scales (the product's int4), which
-        fp16 holds at least as well."""
-        return self.gathered() if self.dtype == torch.bfloat16 else None
+    def dense_layout(self) -> Optional[int4_dense.Int4Dense]:
+        """This matrix in ``int4_dense``'s layout, which dense products read, built once on first use;
+        None where ``gathered()`` would be, or where the product's scales are not bf16 (which fp16 holds
+        at least as well)."""
+        if not self._dense_tried:
+            self._dense_tried = True
+            if (self.group == int4_dense.GROUP and self.dtype == torch.bfloat16
+                    and self.codes[0].device.type == "cpu" and cpu_kernels.available()):
+                self._dense = int4_dense.Int4Dense.of(self.codes, self.scale_zeros)
+        return self._dense
 
     @classmethod
     def quantize(cls, w: torch.Tensor, group: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16) -> "Int4Weight":
@@ -243,9 +252,10 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """What one product reads: the codes, and the scales in the activation dtype (coreinfer's kernel's
-        layout where it is built: one 8-bit plane for two joined 4-bit ones, fp16 scales and mins)."""
-        if self._gather is not None:
-            return self._gather.nbytes()
+        layouts where they are built: one 8-bit plane for two joined 4-bit ones, fp16 scales and mins)."""
+        for layout in (self._dense, self._gather):
+            if layout is not None:
+                return layout.nbytes()
         return sum(c.numel() + sz.numel() * self.dtype.itemsize for c, sz in zip(self.codes, self.scale_zeros))
 
 
@@ -312,18 +322,17 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """On the CPU, coreinfer's int4 kernel with every input kept (``int4_gather``; 1.7-1.9x torch's on
-    SmolLM2's shapes and its LM head, one thread), else one torch int4 kernel call per plane; elsewhere
-    (CUDA) the honest fallback: dequantise, then matmul."""
+    """On the CPU, coreinfer's dense int4 kernel (``int4_dense``: 2.3-3.1x the gather kernel's dense
+    product on SmolLM2's shapes, 5-6x at batch 4-8), else one torch int4 kernel call per plane;
+    elsewhere (CUDA) the honest fallback: dequantise, then matmul."""
     if x.device.type != "cpu":
         return F.linear(x, w.dequantize().to(x.dtype))
-    # Batches too: torch's kernel was faster from 4 rows here (down [576, 1536]: 202 against 322 us,
-    # before this kernel unpacked a dense batch's rows once) but rounds the scales to bf16, and under load that turned "three tips for sleeping better" into the
-    # "1. **1.1.1.1" near-tie loop that coreinfer's fp16 scales avoid; each row also gets exactly its
-    # single run's numbers this way.
-    layout = w.dense_gathered()
+    # Batches too: torch's kernel rounds the scales to bf16, and under load that turned "three tips for
+    # sleeping better" into the "1. **1.1.1.1" near-tie loop that coreinfer's fp16 scales avoid; each row
+    # also gets exactly its single run's numbers this way.
+    layout = w.dense_layout()
     if layout is not None:
-        return int4_gather.gathered_mm(x, layout, -1.0)[0]
+        return int4_dense.dense_mm(x, layout)
     out = None
     x_in = x.to(w.dtype)  # torch's kernel computes in the matrix's dtype (bf16: fp32 ran 11x slower)
     for packed, scale_zeros in w.kernel():

@@ -1,0 +1,87 @@
+"""A CPU kernel for dense int4 (and 8-bit) products: every input read, 16-bit integer activations.
+
+``int4_gather`` stores a matrix input-major so token-level sparsity can skip inputs; read densely that
+layout streams memory at a third of the machine's bandwidth, and its fp32 multiply-add per weight and
+sequence makes a batch of 8 cost 5-10 single products. This kernel reads the same GGUF codes
+output-major, one sequential stream per thread (the codes, scales and mins of each tile of 64 outputs
+and group of 32 inputs together), and multiplies them as integers with the activations rounded per
+group of 32 to int16 (``vpdpwssd``/``vpmaddwd``: two weights per 32-bit lane, no conversion to float).
+int16 rounding errs at most 2**-16 of a group's largest input (llama.cpp rounds activations to int8).
+
+``y = W @ x_hat`` exactly up to fp32 summation, where ``x_hat`` is ``x`` so rounded (``round_activations``
+is the reference). Each sequence is rounded alone, so a batch gives each row its single run's numbers.
+The C++ source is ``int4_dense.cpp``, built with the other CPU kernels (``cpu_kernels``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import cpu_kernels
+from .int4_gather import kernel_planes
+
+GROUP = 32
+TILE = 64  # outputs per tile (int4_dense.cpp)
+
+
+@dataclass
+class Int4Dense:
+    """An int4 matrix in the dense kernel's output-major stream (``of`` builds it from ``Int4Weight`` planes)."""
+
+    stream: torch.Tensor  # [P, tiles * in / 32 * chunk] uint8: per tile and group, codes then fp16 scales and mins
+    out_features: int
+    outp: int  # outputs padded to a multiple of TILE
+    bits: int  # per code: 4, or 8 (two 4-bit planes joined)
+
+    @classmethod
+    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]) -> Optional["Int4Dense"]:
+        """From ``Int4Weight``'s planes; None where a scale or min does not fit fp16 (``kernel_planes``)."""
+        planes = kernel_planes(codes, scale_zeros)
+        if planes is None:
+            return None
+        bits, values, scales, mins = planes
+        out_features, in_features = values[0].shape
+        outp = -(-out_features // TILE) * TILE
+        streams = [_stream(code, scale, minimum, bits, outp) for code, scale, minimum in zip(values, scales, mins)]
+        return cls(torch.stack(streams).contiguous(), out_features, outp, bits)
+
+    def nbytes(self) -> int:
+        return self.stream.numel()
+
+
+def _stream(code: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, outp: int) -> torch.Tensor:
+    """One plane: codes ``[out, in]`` (one per byte), fp16 ``[in / 32, out]`` scales and mins, as the
+    kernel's chunks (int4_dense.cpp's layout comment)."""
+    out_features, in_features = code.shape
+    tiles, groups = outp // TILE, in_features // GROUP
+    padded = code.new_zeros(outp, in_features)
+    padded[:out_features] = code
+    per_word = 32 // bits  # codes per 32-bit word, inputs in order: word u holds inputs per_word * u + k
+    words = padded.view(tiles, TILE, groups, GROUP // per_word, per_word).permute(0, 2, 3, 1, 4)
+    if bits == 4:  # nibble k of the word: byte k // 2, low nibble first
+        words = words[..., 0::2] | (words[..., 1::2] << 4)
+    chunks = [words.reshape(tiles, groups, -1)]
+    for half in (scale, minimum):
+        tiled = half.new_zeros(groups, outp)
+        tiled[:, :out_features] = half
+        chunks.append(tiled.view(groups, tiles, TILE).transpose(0, 1).contiguous().view(torch.uint8))
+    return torch.cat(chunks, dim=-1).reshape(-1)
+
+
+def dense_mm(x: torch.Tensor, w: Int4Dense) -> torch.Tensor:
+    """``round_activations(x) @ W.T`` for ``x`` ``[B, in]`` (fp32 or bf16), in ``x``'s dtype. Needs
+    ``cpu_kernels.available()``."""
+    return cpu_kernels.module().dense_mm(x.contiguous(), w.stream, w.out_features, w.outp, w.bits)
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies: ``x`` rounded per group of 32 to int16 steps of the group's largest
+    ``|x|`` / 32767 (fp32; the reference for tests)."""
+    grouped = x.float().reshape(*x.shape[:-1], -1, GROUP)
+    largest = grouped.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, 32767.0 / largest, torch.zeros_like(largest))
+    q = (grouped * inverse).round().clamp(-32767, 32767)
+    return (q * (largest / 32767.0)).reshape(x.shape)
