@@ -604,10 +604,14 @@ class Engine:
         session.neurons = finalize_selection(session.selector, neurons)
         return session
 
-    def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1):
-        """Dense forward over the prompt; a session records and selects its core neurons."""
+    def prefill(self, ids, mask, session: Optional[SparseSession], logits_to_keep: int = 1, backend=None):
+        """Dense forward over the prompt; a session records and selects its core neurons. A dense or
+        token-level prompt prefills on ``backend`` where it ``prefills`` (int4 on coreinfer's CPU
+        kernels: the last column's logits and a cache ``backend.start`` reads); else on the HF model."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if session is None or session.mode == "token":  # token-level sparsity reads the prompt densely
+            if backend is not None and getattr(backend, "prefills", False) and logits_to_keep == 1:
+                return backend.prefill(ids, mask)
             return self._forward(ids, mask, positions, None, logits_to_keep)
         with session.phase(session.record):
             logits, cache = self._forward(ids, mask, positions, None, logits_to_keep)

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .config import SamplingConfig, SparsityConfig
-from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState
+from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState, PromptCache
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
 
 
@@ -306,23 +306,6 @@ class Lane:
         return self.backend.step(self.state, tokens)
 
 
-@dataclass
-class _LayerRows:
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-@dataclass
-class _CacheRows:
-    """Some rows of a Hugging Face prefill cache, as ``KVCache.fill`` reads one (``layers[i].keys``)."""
-
-    layers: list[_LayerRows]
-
-    @classmethod
-    def of(cls, hf_cache, rows: slice) -> "_CacheRows":
-        return cls([_LayerRows(layer.keys[rows], layer.values[rows]) for layer in hf_cache.layers])
-
-
 def release_free_memory() -> None:
     """Hand the C allocator's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
 
@@ -508,7 +491,7 @@ class Scheduler:
             ids, mask = engine.left_pad(prompts)
             sentence = items[0][2] is not None and not items[0][2].token
             session = engine.new_session(items[0][2], mask) if sentence else None  # (alone in items)
-            logits, hf_cache = engine.prefill(ids, mask, session)
+            logits, hf_cache = engine.prefill(ids, mask, session, backend=backend)
             prefill_s = time.perf_counter() - start
             self.prefills += 1
             first_row = 0
@@ -517,7 +500,7 @@ class Scheduler:
                 first_row = rows.stop
                 start = time.perf_counter()
                 own = session if sentence else engine.new_session(sparsity, mask[rows])
-                state = backend.start(own, _CacheRows.of(hf_cache, rows), mask[rows], ids.shape[1] + 1)
+                state = backend.start(own, PromptCache.rows_of(hf_cache, rows), mask[rows], ids.shape[1] + 1)
                 self._launch(sub, backend, sparsity, own, logits[rows, -1, :], state, ids.shape[1],
                              prefill_s, time.perf_counter() - start)
 

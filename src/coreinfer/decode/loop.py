@@ -188,7 +188,8 @@ def generate(
 
     start = time.perf_counter()
     session = None if auto else engine.new_session(sparsity, mask, selector)
-    logits, hf_cache = engine.prefill(ids, mask, session)
+    # keep="auto" re-prefills from the HF cache after its warm-up, so its prompt stays on the HF model.
+    logits, hf_cache = engine.prefill(ids, mask, session, backend=None if auto else backend)
     prompt_cache = copy.deepcopy(hf_cache) if auto else None  # the reference backend grows hf_cache
     sync(device)
     prefill_s = time.perf_counter() - start
