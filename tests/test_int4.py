@@ -26,7 +26,8 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows * cols // block_weights, block_bytes), dtype=np.uint8)
     halves = {"Q4_1": 2, "Q5_1": 2, "Q4_K": 2}.get(kind, 1)  # d, and m or dmin where the type has one
-    raw[:, : 2 * halves] = rng.uniform(-0.1, 0.1, (raw.shape[0], halves)).astype(np.float16).view(np.uint8)
+    at = slice(block_bytes - 2, block_bytes) if kind == "Q6_K" else slice(0, 2 * halves)  # Q6_K's d comes last
+    raw[:, at] = rng.uniform(-0.1, 0.1, (raw.shape[0], halves)).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -39,12 +40,13 @@ def test_gguf_blocks_read_to_the_values_gguf_dequantises(kind):
     raw = random_blocks(kind, rows, cols)
     weight = int4_from_gguf_tensor(kind, raw, rows, cols)
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, cols).astype(np.float32))
-    assert len(weight.codes) == {"Q5_0": 2, "Q5_1": 2, "Q8_0": 2}.get(kind, 1)
+    assert len(weight.codes) == {"Q5_0": 2, "Q5_1": 2, "Q8_0": 2, "Q6_K": 2}.get(kind, 1)
+    assert weight.group == (16 if kind == "Q6_K" else 32)
     torch.testing.assert_close(weight.dequantize(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_gguf_types_int4_cannot_hold_are_left_out():
-    assert int4_from_gguf_tensor("Q6_K", np.zeros((16, 210), np.uint8), 16, 256) is None
+    assert int4_from_gguf_tensor("Q2_K", np.zeros((16, 84), np.uint8), 16, 256) is None
     assert int4_from_gguf_tensor("Q4_1", random_blocks("Q4_1", 8, 64), 8, 64) is None  # rows not a multiple of 16
 
 

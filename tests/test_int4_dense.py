@@ -77,6 +77,25 @@ def test_int4_linear_reads_the_dense_layout_and_counts_its_bytes():
     assert w.dense_layout() is w.dense_layout()  # built once
 
 
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 5])
+def test_groups_of_16_read_gguf_q6_k(batch):
+    """Q6_K: 6-bit codes with a scale per 16 inputs, read as one 8-bit plane with two scale rows per group.
+    Its scales (fp16 d times int8 sc) are rounded to fp16, 2**-11, as Q4_K's are."""
+    from coreinfer.decode.gguf_blocks import int4_from_gguf_tensor
+
+    from test_int4 import random_blocks
+
+    raw = random_blocks("Q6_K", 128, 512)
+    w = int4_from_gguf_tensor("Q6_K", raw, 128, 512)
+    layout = w.dense_layout()
+    assert w.group == 16 and layout is not None and layout.bits == 8 and layout.group == 16
+    x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(6))
+    want = reference(x, w)
+    torch.testing.assert_close(int4_dense.dense_mm(x, layout).double(), want, atol=5e-4 * want.abs().max().item(), rtol=0)
+    assert w.gathered() is None  # the gather kernel takes groups of 32: token-level reads it densely
+
+
 def test_a_scale_fp16_cannot_hold_leaves_the_matrix_on_torchs_kernel():
     tiny = Int4Weight.from_integers(torch.randint(0, 16, (64, 64)), torch.full((64, 2), 1e-9), torch.zeros(64, 2), 4)
     assert int4_dense.Int4Dense.of(tiny.codes, tiny.scale_zeros) is None

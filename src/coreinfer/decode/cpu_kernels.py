@@ -41,7 +41,7 @@ ISA = os.environ.get("COREINFER_CPU_ISA") or ("avx512" if set(_AVX512) <= _cpu_f
 if ISA not in ("avx2", "avx512"):
     raise ValueError(f"COREINFER_CPU_ISA must be avx2 or avx512, not {ISA!r}")
 # Names speed verdicts measured with these kernels, dense int4 included (Engine.token_pays).
-KERNEL = f"coreinfer-cpu-{ISA}-v6"
+KERNEL = f"coreinfer-cpu-{ISA}-v7"
 SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "int4_dense.cpp", "decode_ops.cpp")]
 FUNCTIONS = ["gather_mm", "dense_mm", "set_tuning", "residual_norm", "attend"]
 FLAGS = frozenset(("avx2", "fma", "f16c") + (_AVX512 if ISA == "avx512" else ()))  # what the build needs

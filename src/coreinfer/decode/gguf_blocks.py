@@ -1,10 +1,12 @@
 """A GGUF file's own integer blocks as ``Int4Weight`` matrices, for ``--weights int4``.
 
 GGUF's Q4_0, Q4_1 and Q4_K (in sub-blocks of 32) are affine per group of 32 weights, and Q5_0,
-Q5_1 and Q8_0 are too with more bits: ``w = scale * q + offset``. ``Int4Weight`` holds any of them
-exactly (wider codes as 4-bit planes), so the lean backend decodes the very values llama.cpp
-decodes, without rounding them a second time. Other types (Q6_K's groups of 16, F16, F32) are not
-read here: the caller keeps those matrices in fp32, which holds their dequantised values exactly.
+Q5_1 and Q8_0 are too with more bits: ``w = scale * q + offset``; Q6_K is, per group of 16.
+``Int4Weight`` holds any of them exactly (wider codes as 4-bit planes), so the lean backend decodes
+the very values llama.cpp decodes, without rounding them a second time. Q6_K's groups of 16 are read
+only by coreinfer's dense int4 kernel (``int4_dense``); where it does not run, the lean backend keeps
+them in bf16 (``weights.int4_runs``). Other types (F16, F32) are not read here: the caller keeps those
+matrices in its dtype.
 
 Each matrix is checked against the Hugging Face model's own (dequantised) weight before use, after
 the row order transformers applies on load (llama's q and k are stored permuted for llama.cpp's
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weights import INT4_GROUP, Int4Weight, int4_fits
+from .weights import Int4Weight, int4_fits
 
-Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, 32] ints, scale [n], offset [n], bits
+Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, group] ints, scale [n], offset [n], bits
 
 
 def _halves(d: np.ndarray) -> np.ndarray:
@@ -74,7 +76,18 @@ def _q4_k(b: np.ndarray) -> Blocks:
     return q, (d[:, None] * sc).reshape(-1), (-dmin[:, None] * m).reshape(-1), 4
 
 
-# GGML type name -> (bytes per block, weights per block, reader into groups of 32)
+def _q6_k(b: np.ndarray) -> Blocks:
+    """256 weights per block: 16 sub-blocks of 16, each ``d * sc * (q - 32)`` (int8 sc, 6-bit q), in
+    gguf-py's order (``gguf.quants.Q6_K.dequantize_blocks``)."""
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), _halves(b[:, 208:210])
+    low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15
+    high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)).astype(np.int32).reshape(-1, 16)
+    scale = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+    return q, scale, -32 * scale, 6
+
+
+# GGML type name -> (bytes per block, weights per block, reader into groups of 32, or 16)
 READERS: dict[str, tuple[int, int, Callable[[np.ndarray], Blocks]]] = {
     "Q4_0": (18, 32, _q4_0),
     "Q4_1": (20, 32, _q4_1),
@@ -82,6 +95,7 @@ READERS: dict[str, tuple[int, int, Callable[[np.ndarray], Blocks]]] = {
     "Q5_0": (22, 32, _q5_0),
     "Q5_1": (24, 32, _q5_1),
     "Q8_0": (34, 32, _q8_0),
+    "Q6_K": (210, 256, _q6_k),
 }
 
 
@@ -92,12 +106,12 @@ def int4_from_gguf_tensor(kind: str, raw: np.ndarray, rows: int, cols: int,
         return None
     block_bytes, _, read = READERS[kind]
     q, scale, offset, bits = read(np.ascontiguousarray(raw).reshape(-1, block_bytes))
-    groups = cols // INT4_GROUP
+    group = q.shape[1]
     return Int4Weight.from_integers(
         torch.from_numpy(q.reshape(rows, cols)),
-        torch.from_numpy(scale.reshape(rows, groups)),
-        torch.from_numpy(offset.reshape(rows, groups)),
-        bits,
+        torch.from_numpy(scale.reshape(rows, cols // group)),
+        torch.from_numpy(offset.reshape(rows, cols // group)),
+        bits, group, dtype,
     )
 
 
@@ -182,13 +196,13 @@ def _save(found: dict[str, Int4Weight], cache: Path) -> None:
 
     tensors, planes = {}, {}
     for name, weight in found.items():
-        planes[name] = str(len(weight.codes))
+        planes[name] = f"{len(weight.codes)}:{weight.group}"
         for plane, (codes, scale_zeros) in enumerate(zip(weight.codes, weight.scale_zeros)):
             tensors[f"{name}/{plane}/codes"] = codes.contiguous()
             tensors[f"{name}/{plane}/scale_zeros"] = scale_zeros.contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = cache.with_suffix(".partial")
-    save_file(tensors, str(staging), metadata={"format": "1", **planes})
+    save_file(tensors, str(staging), metadata={"format": "2", **planes})
     staging.replace(cache)  # whole or absent: a process killed mid-write leaves no half cache
 
 
@@ -198,12 +212,13 @@ def _load(cache: Path, dtype: torch.dtype) -> dict[str, Int4Weight]:
     found = {}
     with safe_open(str(cache), "pt") as stored:
         metadata = stored.metadata()
-        if metadata.pop("format", None) != "1":
+        if metadata.pop("format", None) != "2":  # format 1 had no groups of 16: read the GGUF again
             raise ValueError(f"{cache}: not an int4 cache this version reads")
-        for name, planes in metadata.items():
-            codes = [stored.get_tensor(f"{name}/{p}/codes") for p in range(int(planes))]
-            scale_zeros = [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(int(planes))]
-            found[name] = Int4Weight(codes, scale_zeros, INT4_GROUP, dtype)
+        for name, value in metadata.items():
+            planes, group = (int(n) for n in value.split(":"))
+            codes = [stored.get_tensor(f"{name}/{p}/codes") for p in range(planes)]
+            scale_zeros = [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(planes)]
+            found[name] = Int4Weight(codes, scale_zeros, group, dtype)
     return found
 
 

@@ -23,7 +23,8 @@ import torch
 from . import cpu_kernels
 from .int4_gather import kernel_planes
 
-GROUP = 32
+GROUP = 32  # inputs per activation scale
+GROUPS = (32, 16)  # inputs per weight scale the kernel takes (16: GGUF's Q6_K)
 TILE = 64  # outputs per tile (int4_dense.cpp)
 
 
@@ -35,6 +36,7 @@ class Int4Dense:
     out_features: int
     outp: int  # outputs padded to a multiple of TILE
     bits: int  # per code: 4, or 8 (two 4-bit planes joined)
+    group: int = GROUP  # inputs per weight scale: 32, or 16
 
     @classmethod
     def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]) -> Optional["Int4Dense"]:
@@ -44,19 +46,23 @@ class Int4Dense:
             return None
         bits, values, scales, mins = planes
         out_features, in_features = values[0].shape
+        group = in_features // scales[0].shape[0]
+        if group not in GROUPS:
+            return None
         outp = -(-out_features // TILE) * TILE
         streams = [_stream(code, scale, minimum, bits, outp) for code, scale, minimum in zip(values, scales, mins)]
-        return cls(torch.stack(streams).contiguous(), out_features, outp, bits)
+        return cls(torch.stack(streams).contiguous(), out_features, outp, bits, group)
 
     def nbytes(self) -> int:
         return self.stream.numel()
 
 
 def _stream(code: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, outp: int) -> torch.Tensor:
-    """One plane: codes ``[out, in]`` (one per byte), fp16 ``[in / 32, out]`` scales and mins, as the
+    """One plane: codes ``[out, in]`` (one per byte), fp16 ``[in / group, out]`` scales and mins, as the
     kernel's chunks (int4_dense.cpp's layout comment)."""
     out_features, in_features = code.shape
     tiles, groups = outp // TILE, in_features // GROUP
+    sub = scale.shape[0] // groups  # weight scales per group of 32 inputs
     padded = code.new_zeros(outp, in_features)
     padded[:out_features] = code
     per_word = 32 // bits  # codes per 32-bit word, inputs in order: word u holds inputs per_word * u + k
@@ -65,16 +71,17 @@ def _stream(code: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits
         words = words[..., 0::2] | (words[..., 1::2] << 4)
     chunks = [words.reshape(tiles, groups, -1)]
     for half in (scale, minimum):
-        tiled = half.new_zeros(groups, outp)
+        tiled = half.new_zeros(groups * sub, outp)
         tiled[:, :out_features] = half
-        chunks.append(tiled.view(groups, tiles, TILE).transpose(0, 1).contiguous().view(torch.uint8))
+        chunks.append(tiled.view(groups, sub, tiles, TILE).permute(2, 0, 1, 3).reshape(tiles, groups, -1)
+                      .view(torch.uint8))
     return torch.cat(chunks, dim=-1).reshape(-1)
 
 
 def dense_mm(x: torch.Tensor, w: Int4Dense) -> torch.Tensor:
     """``round_activations(x) @ W.T`` for ``x`` ``[B, in]`` (fp32 or bf16), in ``x``'s dtype. Needs
     ``cpu_kernels.available()``."""
-    return cpu_kernels.module().dense_mm(x.contiguous(), w.stream, w.out_features, w.outp, w.bits)
+    return cpu_kernels.module().dense_mm(x.contiguous(), w.stream, w.out_features, w.outp, w.bits, w.group)
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from . import cpu_kernels, int4_gather
 from .gguf_blocks import gguf_int4_weights
 from .weights import (
     GatherWeight, Int4Weight, Int8Weight, Weight, activation_dtype, alignment, cat_rows, cpu_has_native_bf16,
-    gather_parts, gathered_linear, linear, nbytes, padded, quantize, rows_padded, take_cols,
+    gather_parts, gathered_linear, int4_runs, linear, nbytes, padded, quantize, rows_padded, take_cols,
 )
 
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
@@ -164,19 +164,20 @@ class LeanModel:
         )
 
     def _matrix(self, name: str, weight: torch.Tensor) -> Weight:
-        """One matrix in this model's format: from a GGUF's blocks where read, in the activation dtype
-        (bf16) where the GGUF holds it in a type int4 cannot (Q6_K, F16), else quantised from the
-        loaded weight."""
+        """One matrix in this model's format: from a GGUF's blocks where read (and a kernel reads them:
+        ``int4_runs``), in the activation dtype (bf16) where the GGUF holds it in a type int4 cannot
+        (F16, or Q6_K without coreinfer's kernels), else quantised from the loaded weight."""
         if self._gguf is None:
             return quantize(weight, self.weights)
-        return self._gguf[name] if name in self._gguf else _c(weight, self.store_dtype)
+        found = self._gguf.get(name)
+        return found if found is not None and int4_runs(found) else _c(weight, self.store_dtype)
 
     def _fused(self, parts: list[tuple[str, torch.Tensor]]) -> Weight:
         """Matrices stacked by rows (q, k, v; gate, up); dense if any part is dense."""
         if self._gguf is None:
             return quantize(torch.cat([w for _, w in parts]), self.weights)
         matrices = [self._matrix(name, w) for name, w in parts]
-        if all(isinstance(m, Int4Weight) for m in matrices):
+        if all(isinstance(m, Int4Weight) and m.group == matrices[0].group for m in matrices):
             return cat_rows(matrices)
         return _c(torch.cat([w for _, w in parts]), self.store_dtype)
 

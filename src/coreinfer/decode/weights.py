@@ -209,7 +209,7 @@ class Int4Weight:
         at least as well)."""
         if not self._dense_tried:
             self._dense_tried = True
-            if (self.group == int4_dense.GROUP and self.dtype == torch.bfloat16
+            if (self.group in int4_dense.GROUPS and self.dtype == torch.bfloat16
                     and self.codes[0].device.type == "cpu" and cpu_kernels.available()):
                 self._dense = int4_dense.Int4Dense.of(self.codes, self.scale_zeros)
         return self._dense
@@ -278,6 +278,12 @@ def _cat_int4(parts: list[Int4Weight]) -> Int4Weight:
         scale_zeros.append(torch.cat([p.scale_zeros[plane] if plane < len(p.codes) else
                                       torch.zeros_like(p.scale_zeros[0]) for p in parts], dim=1))
     return Int4Weight(codes, scale_zeros, parts[0].group, parts[0].dtype)
+
+
+def int4_runs(w: Int4Weight) -> bool:
+    """Whether a product can read ``w``: groups of 32 (every int4 kernel, and dequantising on CUDA), or
+    of 16 (GGUF's Q6_K) where coreinfer's dense kernel builds."""
+    return w.group == INT4_GROUP or w.dense_layout() is not None
 
 
 def int4_fits(rows: int, cols: int, group: int = INT4_GROUP) -> bool:
