@@ -10,6 +10,7 @@ int16 rounding errs at most 2**-16 of a group's largest input (llama.cpp rounds 
 
 ``y = W @ x_hat`` exactly up to fp32 summation, where ``x_hat`` is ``x`` so rounded (``round_activations``
 is the reference). Each sequence is rounded alone, so a batch gives each row its single run's numbers.
+Weight scales come per 32 inputs, or per 16 (GGUF's Q6_K, which no other int4 path here reads).
 The C++ source is ``int4_dense.cpp``, built with the other CPU kernels (``cpu_kernels``).
 """
 
