@@ -610,7 +610,7 @@ class Engine:
         kernels: the last column's logits and a cache ``backend.start`` reads); else on the HF model."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if session is None or session.mode == "token":  # token-level sparsity reads the prompt densely
-            if backend is not None and getattr(backend, "prefills", False) and logits_to_keep == 1:
+            if backend is not None and backend.prefills and logits_to_keep == 1:
                 return backend.prefill(ids, mask)
             return self._forward(ids, mask, positions, None, logits_to_keep)
         with session.phase(session.record):

@@ -570,6 +570,7 @@ class LeanBackend:
         return self.model.fused
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PromptCache]:
+        """The last column's logits ``[B, 1, V]`` and the cache ``start`` reads (``prefill``)."""
         return prefill(self.model, ids, mask)
 
     def start(self, session, hf_cache, mask: torch.Tensor, length: int) -> LeanState:

@@ -24,6 +24,7 @@ class DecodeBackend(Protocol):
     name: str
     weights: str
     max_length: int
+    prefills: bool  # whether dense prompts prefill on the backend itself (its ``prefill``), not the HF model
 
     def start(self, session, hf_cache, mask: torch.Tensor, length: int): ...
 

@@ -25,6 +25,7 @@ class ReferenceState:
 class ReferenceBackend:
     name = "reference"
     weights = "model"  # the model's own parameters, in its own dtype
+    prefills = False  # the engine's HF prefill is this backend's own
 
     def __init__(self, engine, masked: bool = False):
         self.engine = engine

@@ -205,8 +205,9 @@ class Int4Weight:
 
     def dense_layout(self) -> Optional[int4_dense.Int4Dense]:
         """This matrix in ``int4_dense``'s layout, which dense products read, built once on first use;
-        None where ``gathered()`` would be, or where the product's scales are not bf16 (which fp16 holds
-        at least as well)."""
+        None where the kernel is unavailable, the matrix is not on the CPU, its groups are neither 32 nor
+        16, a scale does not fit fp16, or the product's scales are not bf16 (which fp16 holds at least
+        as well)."""
         if not self._dense_tried:
             self._dense_tried = True
             if (self.group in int4_dense.GROUPS and self.dtype == torch.bfloat16
