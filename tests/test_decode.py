@@ -183,8 +183,17 @@ def test_auto_backend_falls_back_past_a_sliding_window():
         engine.generate_ids(prompts((12,)), None, SamplingConfig(max_new_tokens=8), backend="lean")
 
 
-def test_default_weights_follow_the_device():
+def test_default_weights_follow_the_device(monkeypatch):
+    from coreinfer.decode import cpu_kernels
+
     assert default_weights(torch.device("cuda")) == "bf16"
+    assert default_weights(torch.device("cuda"), gguf=True) == "bf16"
+    if cpu_kernels.available():
+        assert default_weights(torch.device("cpu"), gguf=True) == "int4"
+    # Without coreinfer's kernels a GGUF's int4 would run torch's kernel (bf16 scales), which loops on
+    # the near-tie prompt (test_real_model_near_tie_prompt_answers_as_fp32): not the default then.
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert default_weights(torch.device("cpu"), gguf=True) in ("bf16", "fp32")
     assert default_weights(torch.device("cpu")) in ("bf16", "fp32")  # int8 is opt-in (see default_weights)
     assert quantize(torch.ones(4, 4), "bf16").dtype == torch.bfloat16
 
@@ -238,6 +247,11 @@ def test_exact_top_logits_break_the_ties_bf16_rounding_makes():
 def test_real_model_near_tie_prompt_answers_as_fp32(real_engine, weights):
     """"Give me three tips for sleeping better." reaches a near-tie after "1. **" (fp32: "Avoid" by 0.031
     logits over "1"). bf16 logits tied it, and greedy then wrote "1.1.1.1..." (on this commit's parent)."""
+    from coreinfer.decode import cpu_kernels
+
+    if weights == "int4" and not cpu_kernels.available():
+        pytest.skip("torch's int4 kernel (bf16 scales) loops on this prompt; without coreinfer's kernels "
+                    "int4 is opt-in, not the default (test_default_weights_follow_the_device)")
     ids = [real_engine.encode("Give me three tips for sleeping better.")]
     sampling = SamplingConfig(max_new_tokens=16)
     reference = real_engine.generate_ids(ids, None, sampling, backend="lean", weights="fp32")[0]

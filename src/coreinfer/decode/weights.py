@@ -72,10 +72,12 @@ def default_weights(device: torch.device, gguf: bool = False) -> str:
     """The weight format the lean backend uses unless told otherwise (``--weights auto``): the fastest
     that reproduces the model's own weights.
 
-    - A GGUF source on the CPU: int4, the file's own 4-bit blocks (codes exact; scales fp16 in
-      coreinfer's kernel, bf16 in torch's). On a 2-core AVX2 CPU it decoded SmolLM2 at 61 tok/s
-      (the fused step, ``decode.cpu_kernels``) against bf16's 26 and fp32's 11, teacher-forced
-      agreement with fp32 1.00.
+    - A GGUF source on a CPU where coreinfer's kernels build: int4, the file's own 4-bit blocks
+      (codes exact, scales fp16). On a 2-core Zen 4 it decoded SmolLM2 at 152-159 tok/s (the dense
+      int4 kernel, ``decode.int4_dense``), teacher-forced agreement with fp32 1.00. Where they do
+      not build, int4 would run torch's kernel with bf16 scales and activations, which answered
+      "Give me three tips for sleeping better." with the "1. **1.1.1.1" near-tie loop: the rules
+      below apply instead (``weights="int4"`` still opts in).
     - CUDA, or a CPU with native bf16 (AVX-512 BF16 or AMX): bf16.
     - Elsewhere fp32. bf16 is faster even here (2.3x on SmolLM2), but it rounds an fp32
       checkpoint's weights: opt in with ``weights="bf16"``.
@@ -86,7 +88,7 @@ def default_weights(device: torch.device, gguf: bool = False) -> str:
     decoding then repeats "1." for ever. Group-32 int8 (0.6 %) flipped it too. Not a kernel fault:
     the dequantised int8 values in bf16 matmuls loop the same way.
     """
-    if device.type == "cpu" and gguf:
+    if device.type == "cpu" and gguf and cpu_kernels.available():
         return "int4"
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         return "bf16"
