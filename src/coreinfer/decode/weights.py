@@ -212,9 +212,8 @@ class Int4Weight:
         as well)."""
         if not self._dense_tried:
             self._dense_tried = True
-            if (self.group in int4_dense.GROUPS and self.dtype == torch.bfloat16
-                    and self.codes[0].device.type == "cpu" and cpu_kernels.available()):
-                self._dense = int4_dense.Int4Dense.of(self.codes, self.scale_zeros)
+            if self.dtype == torch.bfloat16 and self.codes[0].device.type == "cpu" and cpu_kernels.available():
+                self._dense = int4_dense.Int4Dense.of(self.codes, self.scale_zeros)  # None for other groups
         return self._dense
 
     @classmethod
