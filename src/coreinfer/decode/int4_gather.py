@@ -65,9 +65,9 @@ class Int4Gather:
 
 def kernel_planes(codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]
                   ) -> Optional[tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
-    """``Int4Weight``'s planes (codes ``[out, in / 2]``, ``(scale, zero)`` ``[in / 32, out, 2]``,
+    """``Int4Weight``'s planes (codes ``[out, in / 2]``, ``(scale, zero)`` ``[in / group, out, 2]``,
     ``w = (code - 8) * scale + zero``) as the CPU kernels read them: ``(bits, codes, scales, mins)`` with
-    codes ``[out, in]`` (one per byte) and fp16 ``[in / 32, out]`` scales and mins, ``w = scale * code + min``.
+    codes ``[out, in]`` (one per byte) and fp16 ``[in / group, out]`` scales and mins, ``w = scale * code + min``.
     Two 4-bit planes whose second scale is 16x the first are one 8-bit plane (Q5_0, Q5_1, Q8_0). None
     where a scale or min does not fit fp16 to 2**-10."""
     out_features, in_features = codes[0].shape[0], codes[0].shape[1] * 2

@@ -482,8 +482,7 @@ def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[to
         out, out_norm = _prompt_attention(model, layer, attn_in, batch, rope, allowed, cache), layer.attn_out_norm
         ffn_in = _add_norm(model, x, out, out_norm, layer.ffn_norm)
         out, out_norm = _gated(model, ffn_in, layer.w13, layer.w2), layer.ffn_out_norm
-    last = x.view(batch, width, -1)[:, -1].contiguous()
-    last_out = None if out is None else out.view(batch, width, -1)[:, -1].contiguous()
+    last, last_out = (t.view(batch, width, -1)[:, -1].contiguous() for t in (x, out))
     x = _add_norm(model, last, last_out, out_norm, model.norm)
     return _logits(model, x)[:, None], cache
 
