@@ -1,10 +1,11 @@
-"""Time coreinfer's two int4 CPU kernels densely (every input kept) on SmolLM2's shapes, batch 1-8.
+"""Time coreinfer's two int4 CPU kernels: the dense kernel, and the gather kernel at shares of the
+inputs kept (token-level sparsity), on SmolLM2's and Llama-3.2-1B's shapes.
 
-    python scripts/int4_kernel_bench.py [threads]
+    python scripts/int4_kernel_bench.py [threads] [--big]
 
-Random codes (speed does not need trained weights); 60 distinct gate+up and down matrices and two
-LM heads (8-bit, as SmolLM2's Q8_0 embedding), so the weights come from memory rather than cache.
-Medians of 7 rounds, the two kernels alternated. GB/s is the dense layout's bytes over its time.
+Random codes (speed does not need trained weights); enough distinct matrices that the weights come
+from memory rather than cache (``--big`` adds the 1B shapes). Medians of 7 rounds, kernels alternated.
+GB/s is the dense layout's bytes over its time; a gather column's ratio is its time over dense's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 from coreinfer.decode import int4_dense, int4_gather
 from coreinfer.decode.weights import Int4Weight
 
-SHAPES = {"gate+up [3072, 576]": (3072, 576, 60, 4), "down [576, 1536]": (576, 1536, 60, 4),
-          "LM head [49152, 576], 8-bit": (49152, 576, 2, 8)}
+SHAPES = {"SmolLM2 gate+up [3072, 576]": (3072, 576, 60, 4), "SmolLM2 down [576, 1536]": (576, 1536, 60, 4)}
+BIG = {"1B gate+up [16384, 2048]": (16384, 2048, 4, 4), "1B down [2048, 8192]": (2048, 8192, 8, 4),
+       "1B qkv [3072, 2048]": (3072, 2048, 16, 4)}
+KEEPS = (1.0, 0.7, 0.5, 0.3)
 
 
 def matrices(out: int, inn: int, count: int, bits: int) -> list[Int4Weight]:
@@ -30,27 +33,36 @@ def matrices(out: int, inn: int, count: int, bits: int) -> list[Int4Weight]:
             for _ in range(count)]
 
 
+def timed(fn, layouts) -> float:
+    start = time.perf_counter()
+    for layout in layouts:
+        fn(layout)
+    return (time.perf_counter() - start) / len(layouts)
+
+
 def main() -> None:
-    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-    print("| shape | batch | gather kernel | dense kernel | dense GB/s | × gather |\n|---|---|---|---|---|---|")
-    for name, (out, inn, count, bits) in SHAPES.items():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    torch.set_num_threads(int(args[0]) if args else 2)
+    shapes = {**SHAPES, **(BIG if "--big" in sys.argv else {})}
+    keeps = " | ".join(f"gather {k:.1f}" for k in KEEPS)
+    print(f"| shape | batch | dense kernel | dense GB/s | {keeps} |\n|---|---|---|---|" + "---|" * len(KEEPS))
+    for name, (out, inn, count, bits) in shapes.items():
         ws = matrices(out, inn, count, bits)
         gathered, dense = [w.gathered() for w in ws], [w.dense_layout() for w in ws]
         nbytes = sum(d.nbytes() for d in dense) / count
-        for batch in (1, 2, 4, 8):
-            x = torch.randn(batch, inn)
-            times: dict[str, list[float]] = {"gather": [], "dense": []}
+        for batch in (1, 4):
+            x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(1))
+            # keep k: the threshold at the (1 - k) quantile of |x| (1.0: every input, threshold -1)
+            thresholds = [-1.0 if k == 1.0 else float(x.abs().flatten().quantile(1 - k)) for k in KEEPS]
+            times: dict[str, list[float]] = {"dense": [], **{str(k): [] for k in KEEPS}}
             for _ in range(7):
-                start = time.perf_counter()
-                for layout in gathered:
-                    int4_gather.gathered_mm(x, layout, -1.0)
-                times["gather"].append((time.perf_counter() - start) / count)
-                start = time.perf_counter()
-                for layout in dense:
-                    int4_dense.dense_mm(x, layout)
-                times["dense"].append((time.perf_counter() - start) / count)
-            tg, td = statistics.median(times["gather"]), statistics.median(times["dense"])
-            print(f"| {name} | {batch} | {tg * 1e6:.0f} µs | {td * 1e6:.0f} µs | {nbytes / td / 1e9:.1f} | ×{tg / td:.2f} |")
+                times["dense"].append(timed(lambda d: int4_dense.dense_mm(x, d), dense))
+                for k, t in zip(KEEPS, thresholds):
+                    times[str(k)].append(timed(lambda g: int4_gather.gathered_mm(x, g, t), gathered))
+            td = statistics.median(times["dense"])
+            cells = " | ".join(f"{statistics.median(times[str(k)]) * 1e6:.0f} µs ×{statistics.median(times[str(k)]) / td:.2f}"
+                               for k in KEEPS)
+            print(f"| {name} | {batch} | {td * 1e6:.0f} µs | {nbytes / td / 1e9:.1f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

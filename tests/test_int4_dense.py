@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coreinfer.decode import int4_dense
+from coreinfer.decode import int4_dense, int4_gather
 from coreinfer.decode.weights import Int4Weight, cat_rows, int4_linear
 
 from test_int4_gather import fp16_weight, needs_kernel
@@ -93,7 +93,10 @@ def test_groups_of_16_read_gguf_q6_k(batch):
     x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(6))
     want = reference(x, w)
     torch.testing.assert_close(int4_dense.dense_mm(x, layout).double(), want, atol=5e-4 * want.abs().max().item(), rtol=0)
-    assert w.gathered() is None  # the gather kernel takes groups of 32: token-level reads it densely
+    gathered = w.gathered()  # token-level reads the same Q6_K matrix's kept inputs (int8 activations)
+    assert gathered is not None and gathered.scales.shape[1] == 512 // 16
+    sparse, _ = int4_gather.gathered_mm(x, gathered, -1.0)
+    torch.testing.assert_close(sparse.double(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_a_scale_fp16_cannot_hold_leaves_the_matrix_on_torchs_kernel():

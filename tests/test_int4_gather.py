@@ -10,6 +10,7 @@ import torch
 from coreinfer import Engine
 from coreinfer.config import SamplingConfig, SparsityConfig
 from coreinfer.decode import cpu_kernels, int4_gather
+from coreinfer.decode.int4_dense import round_activations
 from coreinfer.decode.weights import Int4Weight, gathers
 from coreinfer.token_sparsity import GROUPS, TokenThresholds, kept_entries, sparsify
 
@@ -29,9 +30,12 @@ def fp16_weight(out: int, inn: int, bits: int = 4, seed: int = 0) -> Int4Weight:
     return Int4Weight.from_integers(q, scale, offset, bits)
 
 
-def masked_reference(x: torch.Tensor, w: Int4Weight, threshold: float) -> torch.Tensor:
+def masked_reference(x: torch.Tensor, w: Int4Weight, threshold: float, rounded: bool = True) -> torch.Tensor:
+    """The kept inputs (rounded per group of 32 to int8, as the kernel multiplies them) times the
+    dequantised weights, in float64."""
     keep = x.abs() > threshold if threshold >= 0 else torch.ones_like(x, dtype=torch.bool)
-    return (x.double() * keep) @ w.dequantize().double().t()
+    masked = x.float() * keep
+    return (round_activations(masked, 127) if rounded else masked).double() @ w.dequantize().double().t()
 
 
 @needs_kernel
@@ -39,7 +43,8 @@ def masked_reference(x: torch.Tensor, w: Int4Weight, threshold: float) -> torch.
 @pytest.mark.parametrize("bits", [4, 8])  # 8: two 4-bit planes (Q8_0)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gathered_equals_masked_dense_on_the_dequantised_weights(out, inn, bits, batch):
-    """fp32 activations: equal to the masked product in float64 to fp32 rounding (1e-5 of the largest output)."""
+    """fp32 activations: equal to the masked product of the rounded activations in float64 to fp32
+    rounding (1e-5 of the largest output), and to the unrounded one within int8's rounding (2e-2)."""
     w = fp16_weight(out, inn, bits)
     layout = w.gathered()
     assert layout is not None and layout.bits == 4 * len(w.codes)  # two 4-bit planes join into one 8-bit
@@ -50,6 +55,8 @@ def test_gathered_equals_masked_dense_on_the_dequantised_weights(out, inn, bits,
         want = masked_reference(x, w, threshold)
         assert y.shape == (batch, out) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+        exact = masked_reference(x, w, threshold, rounded=False)
+        torch.testing.assert_close(y.double(), exact, atol=2e-2 * exact.abs().max().item(), rtol=0)
         assert kept == (kept_entries(x, threshold).tolist() if threshold >= 0 else [inn] * batch)
     assert 0 < sum(int4_gather.gathered_mm(x, layout, 0.6)[1]) < batch * inn
 
@@ -66,7 +73,6 @@ def test_threshold_zero_is_dense_and_a_batch_is_its_singles():
     for b in range(5):
         alone, kept_alone = int4_gather.gathered_mm(x[b : b + 1], layout, 0.8)
         assert torch.equal(alone[0], together[b]) and kept_alone == [kept[b]]
-        # A dense batch unpacks each row once for all sequences, in the single run's order of sums.
         assert torch.equal(int4_gather.gathered_mm(x[b : b + 1], layout, -1.0)[0][0], dense[b])
 
 
@@ -197,3 +203,22 @@ def test_planes_that_do_not_join_stay_4_bit_and_exact():
         want = masked_reference(x, w, threshold)
         torch.testing.assert_close(int4_gather.gathered_mm(x, layout, threshold)[0].double(), want,
                                    atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_group_16_scales_as_gguf_q6_k_gather_too(bits):
+    """A scale per 16 inputs (GGUF's Q6_K, Gemma 3's down projections): pairs of kept inputs never cross
+    a scale group, so an odd count in either half of a 32-input group is paired with a zero."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 2**bits, (128, 96), generator=g)
+    scale = (torch.rand(128, 6, generator=g) / 10).half().float()
+    offset = (torch.randn(128, 6, generator=g) / 10).half().float()
+    w = Int4Weight.from_integers(q, scale, offset, bits, group=16)
+    layout = w.gathered()
+    assert layout is not None and layout.scales.shape[1] == 6
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(8))
+    for threshold in (0.7, -1.0):
+        y, _ = int4_gather.gathered_mm(x, layout, threshold)
+        want = masked_reference(x, w, threshold)
+        torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)

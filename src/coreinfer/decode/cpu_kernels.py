@@ -36,12 +36,12 @@ def _cpu_flags() -> set[str]:
 # kernel's two rows per vector). On a 2-core Xeon, SmolLM2 dense int4 with the gather kernel, 64 tokens
 # greedy (alternated): 94.9 and 93.8 tok/s against the AVX2 build's 90.7.
 # COREINFER_CPU_ISA=avx2 builds the AVX2 code anyway (to compare, or to test it on such a CPU).
-_AVX512 = ("avx512f", "avx512bw", "avx512_vnni")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 ISA = os.environ.get("COREINFER_CPU_ISA") or ("avx512" if set(_AVX512) <= _cpu_flags() else "avx2")
 if ISA not in ("avx2", "avx512"):
     raise ValueError(f"COREINFER_CPU_ISA must be avx2 or avx512, not {ISA!r}")
 # Names speed verdicts measured with these kernels, dense int4 included (Engine.token_pays).
-KERNEL = f"coreinfer-cpu-{ISA}-v7"
+KERNEL = f"coreinfer-cpu-{ISA}-v8"
 SOURCES = [Path(__file__).with_name(name) for name in ("int4_gather.cpp", "int4_dense.cpp", "decode_ops.cpp")]
 FUNCTIONS = ["gather_mm", "dense_mm", "set_tuning", "residual_norm", "attend"]
 FLAGS = frozenset(("avx2", "fma", "f16c") + (_AVX512 if ISA == "avx512" else ()))  # what the build needs
@@ -59,7 +59,7 @@ def _build():
         cpp_sources=[source.read_text() for source in SOURCES],
         functions=FUNCTIONS,
         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-        + (["-mavx512f", "-mavx512bw", "-mavx512vnni"] if ISA == "avx512" else []),
+        + (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"] if ISA == "avx512" else []),
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

@@ -85,11 +85,12 @@ def dense_mm(x: torch.Tensor, w: Int4Dense) -> torch.Tensor:
     return cpu_kernels.module().dense_mm(x.contiguous(), w.stream, w.out_features, w.outp, w.bits, w.group)
 
 
-def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernel multiplies: ``x`` rounded per group of 32 to int16 steps of the group's largest
-    ``|x|`` / 32767 (fp32; the reference for tests)."""
+def round_activations(x: torch.Tensor, levels: int = 32767) -> torch.Tensor:
+    """What the kernel multiplies: ``x`` rounded per group of 32 to integer steps of the group's largest
+    ``|x|`` / ``levels`` (fp32; the reference for tests). The dense kernel rounds to int16 (32767), the
+    gather kernel to int8 (127)."""
     grouped = x.float().reshape(*x.shape[:-1], -1, GROUP)
     largest = grouped.abs().amax(-1, keepdim=True)
-    inverse = torch.where(largest > 0, 32767.0 / largest, torch.zeros_like(largest))
-    q = (grouped * inverse).round().clamp(-32767, 32767)
-    return (q * (largest / 32767.0)).reshape(x.shape)
+    inverse = torch.where(largest > 0, levels / largest, torch.zeros_like(largest))
+    q = (grouped * inverse).round().clamp(-levels, levels)
+    return (q * (largest / levels)).reshape(x.shape)

@@ -23,10 +23,9 @@ import torch
 
 from . import cpu_kernels
 
-GROUP = 32
+GROUPS = (32, 16)  # inputs per weight scale the kernel takes (16: GGUF's Q6_K)
 BLOCK = 64  # outputs per block of one input's codes (32 bytes of 4-bit codes, 64 of 8-bit)
-CHUNK = 4  # rows interleaved block by block (int4_gather.cpp)
-MAX_TILE_BLOCKS = 16  # a tile's fp32 sums (1024 outputs, 4 KB) stay in L1 while its rows stream
+MAX_TILE_BLOCKS = 256  # see Int4Gather.of
 
 
 @dataclass
@@ -41,16 +40,20 @@ class Int4Gather:
     bits: int = 4  # per code: 4, or 8 (two 4-bit planes joined)
 
     @classmethod
-    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor],
-           threads: Optional[int] = None) -> Optional["Int4Gather"]:
-        """From ``Int4Weight``'s planes (``kernel_planes``); None where a scale or min does not fit fp16."""
+    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]) -> Optional["Int4Gather"]:
+        """From ``Int4Weight``'s planes (``kernel_planes``); None where a scale or min does not fit fp16.
+
+        Each input's codes over all outputs (up to ``MAX_TILE_BLOCKS`` blocks) are one contiguous run,
+        and the kernel cuts the inputs, not the outputs, between threads. Why: with runs of 256-512
+        bytes (a tile of outputs per thread), reading half the rows took as long as reading all of
+        them here; the hardware prefetchers fetch the rows in between anyway."""
         planes = kernel_planes(codes, scale_zeros)
         if planes is None:
             return None
         bits, values, scales, mins = planes
         out_features, in_features = values[0].shape
         outp = -(-out_features // BLOCK) * BLOCK
-        tile_blocks = tile_width(outp // BLOCK, threads or torch.get_num_threads())
+        tile_blocks = tile_width(outp // BLOCK)
         layouts = []
         for code in values:
             code_t = code.new_zeros(in_features, outp)
@@ -97,20 +100,27 @@ def _padded(halves: list[torch.Tensor], outp: int) -> torch.Tensor:
     return padded
 
 
+def _block_order(bits: int) -> torch.Tensor:
+    """Which output of a 64-output block each code position holds (int4_gather.cpp's permutation, undone
+    by the kernel's interleaving): 4-bit ``[32, 2]`` (byte, nibble), 8-bit ``[64]`` (byte)."""
+    o = torch.arange(BLOCK)
+    v, lane = o // 8, o % 8
+    if bits == 4:
+        order = torch.empty(32, 2, dtype=torch.long)
+        order[16 * (lane // 4) + 4 * (v // 2) + lane % 4, v % 2] = o
+    else:
+        order = torch.empty(64, dtype=torch.long)
+        order[32 * (v // 4) + 16 * (lane // 4) + 4 * (v % 4) + lane % 4] = o
+    return order
+
+
 def _blocked(code_t: torch.Tensor, bits: int, tile_blocks: int) -> torch.Tensor:
     """Codes ``[in, outp]`` (one per byte) in the kernel's blocks, cut into tiles of ``tile_blocks``
-    blocks, each tile's rows in one slab (see int4_gather.cpp)."""
+    blocks, each tile one slab of rows, one per input (see int4_gather.cpp)."""
     in_features, nblocks = code_t.shape[0], code_t.shape[1] // BLOCK
-    if bits == 4:  # lane l holds outputs 8k + l in nibble k, so byte j holds k = 2j and 2j + 1
-        c5 = code_t.view(in_features, nblocks, 8, 8).transpose(2, 3).reshape(in_features, nblocks, 8, 4, 2)
-        blocked = (c5[..., 0] | (c5[..., 1] << 4)).reshape(in_features, nblocks, 32)
-    else:  # word h, lane l holds outputs 32h + 8k + l in byte k
-        blocked = code_t.view(in_features, nblocks, 2, 4, 8).transpose(3, 4).reshape(in_features, nblocks, 64)
-    tiles = []
-    for t in range(0, nblocks, tile_blocks):  # rows interleaved CHUNK at a time, block by block
-        tile = blocked[:, t : t + tile_blocks]
-        tiles.append(tile.reshape(in_features // CHUNK, CHUNK, *tile.shape[1:]).transpose(1, 2).reshape(-1))
-    return torch.cat(tiles)
+    by_block = code_t.view(in_features, nblocks, BLOCK)[..., _block_order(bits)]
+    blocked = by_block[..., 0] | (by_block[..., 1] << 4) if bits == 4 else by_block  # [in, blocks, bytes]
+    return torch.cat([blocked[:, t : t + tile_blocks].reshape(-1) for t in range(0, nblocks, tile_blocks)])
 
 
 def gathered_mm(x: torch.Tensor, w: Int4Gather, threshold: float) -> tuple[torch.Tensor, list[int]]:
@@ -121,8 +131,6 @@ def gathered_mm(x: torch.Tensor, w: Int4Gather, threshold: float) -> tuple[torch
                                            float(threshold), w.bits)
 
 
-def tile_width(blocks: int, threads: int, widest: int = MAX_TILE_BLOCKS) -> int:
-    """Blocks per tile: tiles of at most ``widest`` blocks, as many as a multiple of ``threads``, near equal."""
-    threads = max(1, threads)
-    tiles = threads * -(-blocks // (threads * widest))
-    return max(1, -(-blocks // tiles))
+def tile_width(blocks: int, widest: int = MAX_TILE_BLOCKS) -> int:
+    """Blocks per tile: as few tiles as hold at most ``widest`` blocks each, near equal."""
+    return -(-blocks // -(-blocks // widest))

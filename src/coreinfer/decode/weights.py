@@ -201,7 +201,7 @@ class Int4Weight:
         kernel is unavailable, the matrix is not on the CPU, or a scale does not fit fp16."""
         if not self._gather_tried:
             self._gather_tried = True
-            if self.group == int4_gather.GROUP and self.codes[0].device.type == "cpu" and cpu_kernels.available():
+            if self.group in int4_gather.GROUPS and self.codes[0].device.type == "cpu" and cpu_kernels.available():
                 self._gather = int4_gather.Int4Gather.of(self.codes, self.scale_zeros)
         return self._gather
 
