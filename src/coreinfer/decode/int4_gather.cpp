@@ -243,40 +243,82 @@ struct Prefetcher {
   }
 };
 
-// SPAN blocks [blk, blk + SPAN) of scale group g (quads [begin, end)) added into y.
-template <int BITS, int SPAN>
-inline void group_blocks(const uint8_t* slab, int64_t row_bytes, const Kept& k, int32_t begin, int32_t end,
-                         int64_t blk, Prefetcher& ahead, const at::Half* s_row, const at::Half* m_row, float step,
-                         float x_sum, float* y) {
-  __m256i sums[SPAN][VECS];
-  for (auto& span : sums)
-    for (auto& v : span) v = _mm256_setzero_si256();
-  const int64_t off = blk * block_bytes<BITS>();
-  for (int32_t e = begin; e < end; ++e) {
-    if (prefetch_lines) ahead.some(prefetch_lines * SPAN);
-    const int32_t* q = k.rows.data() + 4 * e;
-    const uint8_t* const row[4] = {slab + q[0] * row_bytes + off, slab + q[1] * row_bytes + off,
-                                   slab + q[2] * row_bytes + off, slab + q[3] * row_bytes + off};
-    for (int i = 0; i < SPAN; ++i) quad_sums<BITS>(sums[i], row, i * block_bytes<BITS>(), k.word(e));
-  }
-  const __m256 steps = _mm256_set1_ps(step), x_sums = _mm256_set1_ps(x_sum);
-  for (int i = 0; i < SPAN; ++i) {
-    for (int v = 0; v < VECS; ++v) {
-      const int64_t o = (blk + i) * BLOCK + 8 * v;
-      __m256 acc = _mm256_loadu_ps(y + o);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][v]), _mm256_mul_ps(halves(s_row + o), steps), acc);
-      acc = _mm256_fmadd_ps(halves(m_row + o), x_sums, acc);
-      _mm256_storeu_ps(y + o, acc);
-    }
-  }
+// One group's products of 8 outputs into y: y[o .. o + 8) += sums * scale * step + min * x_sum.
+inline void scale_into(float* y, int64_t o, __m256i sums, const at::Half* s_row, const at::Half* m_row, __m256 steps,
+                       __m256 x_sums) {
+  __m256 acc = _mm256_loadu_ps(y + o);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(halves(s_row + o), steps), acc);
+  acc = _mm256_fmadd_ps(halves(m_row + o), x_sums, acc);
+  _mm256_storeu_ps(y + o, acc);
 }
 
-// Blocks per step: two on AVX-512 (each row's whole 64-byte line of 4-bit codes at once; 16 sums fit its 32
-// registers), one on AVX2 (16 registers).
+// Block blk of scale group g (quads [begin, end)) added into y, 256-bit vectors.
+template <int BITS>
+inline void group_block(const uint8_t* slab, int64_t row_bytes, const Kept& k, int32_t begin, int32_t end,
+                        int64_t blk, Prefetcher& ahead, const at::Half* s_row, const at::Half* m_row, float step,
+                        float x_sum, float* y) {
+  __m256i sums[VECS];
+#pragma GCC unroll 8
+  for (int i = 0; i < VECS; ++i) sums[i] = _mm256_setzero_si256();
+  const int64_t off = blk * block_bytes<BITS>();
+  for (int32_t e = begin; e < end; ++e) {
+    if (prefetch_lines) ahead.some(prefetch_lines);
+    const int32_t* q = k.rows.data() + 4 * e;
+    const uint8_t* const row[4] = {slab + q[0] * row_bytes, slab + q[1] * row_bytes, slab + q[2] * row_bytes,
+                                   slab + q[3] * row_bytes};
+    quad_sums<BITS>(sums, row, off, k.word(e));
+  }
+  const __m256 steps = _mm256_set1_ps(step), x_sums = _mm256_set1_ps(x_sum);
+  for (int v = 0; v < VECS; ++v) scale_into(y, blk * BLOCK + 8 * v, sums[v], s_row, m_row, steps, x_sums);
+}
+
 #ifdef __AVX512F__
-constexpr int SPAN = 2;
-#else
-constexpr int SPAN = 1;
+// Blocks blk and blk + 1 at once in 512-bit vectors (AVX-512): the interleaving works within 128-bit lanes, so
+// a 64-byte load of two 4-bit blocks (or one 8-bit block) gives, in each vector, the 256-bit version's vector
+// of the first block (or half) in its low half and the second's in its high half: one layout for both ISAs,
+// and half the instructions per weight.
+template <int BITS>
+inline void group_block_pair(const uint8_t* slab, int64_t row_bytes, const Kept& k, int32_t begin, int32_t end,
+                             int64_t blk, Prefetcher& ahead, const at::Half* s_row, const at::Half* m_row, float step,
+                             float x_sum, float* y) {
+  __m512i sums[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) sums[i] = _mm512_setzero_si512();  // (a range-for became a rep stos to the stack)
+  const int64_t off = blk * block_bytes<BITS>();
+  const __m512i nibble = _mm512_set1_epi8(15);
+  Prefetcher fetch = ahead;  // in registers for the loop
+  for (int32_t e = begin; e < end; ++e) {
+    if (prefetch_lines) fetch.some(2 * prefetch_lines);
+    const int32_t* q = k.rows.data() + 4 * e;
+    const __m512i x = _mm512_set1_epi32(k.word(e));
+    for (int h = 0; h < BITS / 4; ++h) {  // 4-bit: one 64-byte load per row; 8-bit: two
+      const int64_t at = off + 64 * h;
+      const __m512i A = _mm512_loadu_si512(slab + q[0] * row_bytes + at), B = _mm512_loadu_si512(slab + q[1] * row_bytes + at);
+      const __m512i C = _mm512_loadu_si512(slab + q[2] * row_bytes + at), D = _mm512_loadu_si512(slab + q[3] * row_bytes + at);
+      const __m512i ab_lo = _mm512_unpacklo_epi8(A, B), ab_hi = _mm512_unpackhi_epi8(A, B);
+      const __m512i cd_lo = _mm512_unpacklo_epi8(C, D), cd_hi = _mm512_unpackhi_epi8(C, D);
+      const __m512i r[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                            _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (BITS == 4) {
+          sums[2 * j] = _mm512_dpbusd_epi32(sums[2 * j], _mm512_and_si512(r[j], nibble), x);
+          sums[2 * j + 1] = _mm512_dpbusd_epi32(sums[2 * j + 1], _mm512_and_si512(_mm512_srli_epi16(r[j], 4), nibble), x);
+        } else {
+          sums[4 * h + j] = _mm512_dpbusd_epi32(sums[4 * h + j], r[j], x);
+        }
+      }
+    }
+  }
+  ahead = fetch;
+  const __m256 steps = _mm256_set1_ps(step), x_sums = _mm256_set1_ps(x_sum);
+  for (int i = 0; i < 8; ++i) {
+    // 4-bit: vector i of block blk (low half) and of blk + 1 (high); 8-bit: vectors i % 4 and 4 + i % 4 of block blk + i / 4
+    const int64_t low = BITS == 4 ? blk * BLOCK + 8 * i : (blk + i / 4) * BLOCK + 8 * (i % 4);
+    const int64_t high = BITS == 4 ? low + BLOCK : low + 32;
+    scale_into(y, low, _mm512_castsi512_si256(sums[i]), s_row, m_row, steps, x_sums);
+    scale_into(y, high, _mm512_extracti64x4_epi64(sums[i], 1), s_row, m_row, steps, x_sums);
+  }
+}
 #endif
 
 // Scale groups [g0, g1) of one sequence's tile (blocks [first, first + blocks) of plane p) into y (fp32, the
@@ -299,10 +341,12 @@ void tile_product(const uint8_t* slab, const at::Half* scales, const at::Half* m
     const at::Half* s_row = scales + g * outp + first * BLOCK;
     const at::Half* m_row = mins + g * outp + first * BLOCK;
     int64_t blk = 0;
-    for (; blk + SPAN <= blocks; blk += SPAN)
-      group_blocks<BITS, SPAN>(slab, row_bytes, k, begin, end, blk, ahead, s_row, m_row, k.step[g], k.sum[g], y);
+#ifdef __AVX512F__
+    for (; blk + 2 <= blocks; blk += 2)
+      group_block_pair<BITS>(slab, row_bytes, k, begin, end, blk, ahead, s_row, m_row, k.step[g], k.sum[g], y);
+#endif
     for (; blk < blocks; ++blk)
-      group_blocks<BITS, 1>(slab, row_bytes, k, begin, end, blk, ahead, s_row, m_row, k.step[g], k.sum[g], y);
+      group_block<BITS>(slab, row_bytes, k, begin, end, blk, ahead, s_row, m_row, k.step[g], k.sum[g], y);
   }
 }
 
