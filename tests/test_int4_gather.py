@@ -176,17 +176,24 @@ def test_sparsify_matches_the_kernels_rule():
 
 
 @needs_kernel
-def test_auto_does_not_choose_token_level_on_int4(monkeypatch, tmp_path):
-    """Explicit token-level reads fewer int4 rows, but keep="auto" decodes (and scores) dense int4:
-    measured slower than the kernel's dense product (decode.weights.AUTO_GATHER_FORMATS)."""
+@pytest.mark.parametrize("speedup, mode", [(0.84, "dense"), (1.3, "token")])  # SmolLM2's, and a 1B shape's
+def test_auto_chooses_token_level_on_int4_where_it_measures_faster(speedup, mode, monkeypatch, tmp_path):
+    """keep="auto" may decode token-level on int4 (the gather kernel), where the speed check finds it at
+    least TOKEN_SPEEDUP times dense; scoring scores the calibrated level either way."""
     from coreinfer.engine import auto_reads_rows
 
     monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
     engine = Engine(int4_exact_model(), tokenizer=None, name="tiny-int4-auto")
+    ps = prompts((9, 5, 12, 7), seed=3)
+    engine.token_profile(ps, [p[::-1] * 2 for p in ps], progress=False)
+    monkeypatch.setattr(engine, "_measure_token_speedup", lambda backend, sparsity: speedup)
     backend = engine.backend("lean", "int4")
-    assert gathers(backend.weights, backend.model.device) and not auto_reads_rows(backend)
-    assert not engine.token_pays(backend, SparsityConfig(keep=0.7, mode="token"))
-    assert engine.resolve_scored(SparsityConfig(keep="auto", mode="token"), backend) is None
+    assert gathers(backend.weights, backend.model.device) and auto_reads_rows(backend)
+    sparsity = SparsityConfig(keep="auto", mode="token", targets="ffn", quality=0.01)
+    result = engine.generate_ids(prompts((9,)), sparsity, SamplingConfig(max_new_tokens=6), backend="lean",
+                                 weights="int4")[0]
+    assert result.mode == mode and (result.ffn_density < 1.0) == (mode == "token")
+    assert engine.resolve_scored(sparsity, backend) is not None
 
 
 @needs_kernel

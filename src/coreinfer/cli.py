@@ -167,8 +167,8 @@ def _dense_reason(sparsity, result) -> str:
     --quality, or none was faster here."""
     if sparsity is None or not (sparsity.auto and sparsity.token) or result.mode != "dense":
         return ""
-    if result.weights in ("int4", "int8"):
-        return f" (keep auto: token-level sparsity reads fp32 or bf16 rows, not {result.weights}; --weights fp32 for it)"
+    if result.weights == "int8":
+        return " (keep auto: token-level sparsity reads fp32, bf16 or int4 rows, not int8; --weights int4 for it)"
     return " (keep auto: no token-level level meets --quality, or none decodes faster than dense on this machine)"
 
 

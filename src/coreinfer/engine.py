@@ -198,7 +198,7 @@ class SparseSession:
 def auto_reads_rows(backend: DecodeBackend) -> bool:
     """Whether token-level ``keep="auto"`` may decode sparsely on ``backend``: the reference backend
     masks; the lean one where its format gathers rows and that was measured to pay
-    (``decode.weights.auto_gathers``: fp32 and bf16, not int8 or int4)."""
+    (``decode.weights.auto_gathers``: fp32, bf16 and int4, not int8)."""
     return backend.name != "lean" or auto_gathers(backend.weights, backend.model.device)
 
 
@@ -456,7 +456,7 @@ class Engine:
     def resolve_scored(self, sparsity: Optional[SparsityConfig], backend: DecodeBackend) -> Optional[SparsityConfig]:
         """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: ``resolve`` without the
         speed verdict (the calibrated level, wherever it would decode sparsely), except that token-level
-        auto on weights where auto never decodes token-level (int8, int4: ``auto_reads_rows``) is what
+        auto on weights where auto never decodes token-level (int8: ``auto_reads_rows``) is what
         decodes there: dense."""
         if sparsity is not None and sparsity.auto and sparsity.token and not auto_reads_rows(backend):
             return None
@@ -470,8 +470,8 @@ class Engine:
         some CPUs ``embedding_bag`` does not, and a default slower than dense would be no default.
         """
         if backend.name != "lean" or not auto_reads_rows(backend):
-            # The reference backend only masks its dense products; int8 has no row gather; int4's
-            # measured slower than its dense kernel (decode.weights.AUTO_GATHER_FORMATS).
+            # The reference backend only masks its dense products; int8 has no row gather
+            # (decode.weights.AUTO_GATHER_FORMATS).
             return False
         capability = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
         # The kernel's name too: a verdict measured with another gather kernel says nothing of this one.

@@ -41,11 +41,12 @@ def gathers(weights: str, device: torch.device) -> bool:
     return weights == "int4" and device.type == "cpu" and cpu_kernels.available()
 
 
-# Formats where keep="auto" may decode token-level (Engine.token_pays). Not int4: on a 2-core AVX2
-# CPU, SmolLM2, `coreinfer bench` (64 tokens, 3 alternated rounds, the fused int4 step), token-level
-# at 0.7 decoded at 0.86x dense int4 (52.2 against 60.8 tok/s): scattered rows come from memory
-# slower than the kernel's dense stream (docs/weights.md). Explicit mode="token" on int4 still reads 0.7.
-AUTO_GATHER_FORMATS = ("fp32", "bf16")
+# Formats where keep="auto" may decode token-level, each model and machine deciding by measurement
+# (Engine.token_pays: at least TOKEN_SPEEDUP x dense). int4 since the v8 gather kernel: on a 2-core Zen 4,
+# `coreinfer bench`, token-level at half the FFN and attention weights decodes a Llama-3.2-1B shape at
+# 1.28-1.39x dense int4, while SmolLM2's small matrices still decode at 0.84x dense (token 0.7), so
+# there the default stays dense.
+AUTO_GATHER_FORMATS = ("fp32", "bf16", "int4")
 
 
 def auto_gathers(weights: str, device: torch.device) -> bool:
