@@ -76,7 +76,7 @@ struct Appender {
     used += __builtin_popcount(keep);
     return _mm512_mask_reduce_add_epi32(keep, q);
   }
-#endif
+#else
   int32_t put(const float* v, const int32_t* q, float t, int n, int32_t base) {
     int32_t total = 0;
     for (int i = 0; i < n; ++i) {
@@ -88,6 +88,7 @@ struct Appender {
     }
     return total;
   }
+#endif
   void fill(int64_t from) {  // the last quad of a group, with its first input times 0
     for (; used % 4; ++used) {
       rows[used] = rows[from];
@@ -349,7 +350,7 @@ void tile_product(const uint8_t* slab, const at::Half* scales, const at::Half* m
   }
 }
 
-// Work items [begin, end) into out (fp32, [splits, B, outp], zeroed): item i is tile i / splits, its scale
+// Work items [begin, end) into out (fp32, [splits, B, outp]; each item zeroes its part): item i is tile i / splits, its scale
 // groups cut in `splits` near-equal ranges, range i % splits added into out[i % splits].
 template <int BITS>
 void run_items(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t planes, int64_t in,
@@ -360,6 +361,8 @@ void run_items(const uint8_t* codes, const at::Half* scales, const at::Half* min
     const int64_t t = item / splits, split = item % splits;
     const int64_t first = t * tb, blocks = std::min(first + tb, nblocks) - first;
     const int64_t g0 = groups * split / splits, g1 = groups * (split + 1) / splits;
+    for (int64_t b = 0; b < batch; ++b)  // each item zeroes the sums it adds into
+      std::fill_n(out + (split * batch + b) * outp + first * BLOCK, blocks * BLOCK, 0.f);
     for (int64_t p = 0; p < planes; ++p) {
       const uint8_t* slab = codes + p * in * (outp * BITS / 8) + first * block_bytes<BITS>() * in;
       for (int64_t b = 0; b < batch; ++b)
@@ -408,11 +411,6 @@ std::tuple<at::Tensor, std::vector<int64_t>> gather_mm(const at::Tensor& x, cons
   const at::Half* m = mins.data_ptr<at::Half>();
   float* a = parts.data_ptr<float>();
   at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {  // each item zeroes the sums it adds into
-      const int64_t t = item / splits, split = item % splits, first = t * tile_blocks * BLOCK;
-      const int64_t width = std::min(first + tile_blocks * BLOCK, outp) - first;
-      for (int64_t b = 0; b < batch; ++b) std::fill_n(a + (split * batch + b) * outp + first, width, 0.f);
-    }
     if (bits == 8) run_items<8>(c, s, m, planes, in, group, outp, tile_blocks, splits, kept, a, begin, end);
     else run_items<4>(c, s, m, planes, in, group, outp, tile_blocks, splits, kept, a, begin, end);
   });
