@@ -242,9 +242,10 @@ def test_calibrate_command_stores_compares_and_refuses_a_bad_method(monkeypatch,
     monkeypatch.setenv("COREINFER_CACHE", str(tmp_path / "cache"))
     save_tiny_model(tmp_path / "tiny")
     runner = CliRunner()
-    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--json", str(tmp_path / "c.json")])
+    # --json into a folder that does not exist yet: made, not a traceback after the run
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--json", str(tmp_path / "new" / "c.json")])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "c.json").read_text())
+    report = json.loads((tmp_path / "new" / "c.json").read_text())
     assert report["method"] == "exact" and len(report["sensitivity"]) == 4
     assert list((tmp_path / "cache" / "calibration").glob("*/adaptive.safetensors"))
     result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "tiny"), "--method", "fisher"])

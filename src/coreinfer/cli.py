@@ -79,6 +79,13 @@ def _read_prompt(prompt: Optional[str]) -> str:
     return prompt
 
 
+def _report_path(json_path: str) -> Path:
+    """Where a ``--json`` report goes, its folder made: a long run must not end on a missing directory."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or nothing reads standard input."),
@@ -304,7 +311,7 @@ def quality(
         text += f"\n\nFacts kept, {len(questions)} questions, {answer_tokens_gen} new tokens:\n\n" + q.facts_table(fact_rows)
     typer.echo(text)
     if json_path:
-        with open(json_path, "w") as f:
+        with open(_report_path(json_path), "w") as f:
             json.dump(report, f, indent=1)
     if markdown:
         with open(markdown, "w") as f:
@@ -591,7 +598,7 @@ def bench(
             typer.echo(f"{row['config']}: {row['decode_tok_s']:.2f} tok/s, x{row['speedup_vs_dense']:.2f} dense, "
                        f"ffn_density {row['ffn_density']:.3f}, weight_share {row['weight_share']:.3f}")
         if json_path:
-            Path(json_path).write_text(json.dumps(report, indent=1))
+            _report_path(json_path).write_text(json.dumps(report, indent=1))
         return
     try:
         source = resolve_model(model, revision, gguf_file)
@@ -616,7 +623,7 @@ def bench(
     typer.echo(table)
     typer.echo(json.dumps(report.goals, indent=1))
     if json_path:
-        path = Path(json_path)
+        path = _report_path(json_path)
         path.write_text(json.dumps(report.to_dict(), indent=1))
         path.with_suffix(".md").write_text(table)
         speed_quality_plot(report, path.with_suffix(".png"))
@@ -670,7 +677,7 @@ def models(
     table = models_table(rows)
     typer.echo(table)
     if json_path:
-        path = Path(json_path)
+        path = _report_path(json_path)
         path.write_text(json.dumps(rows_to_json(rows), indent=1))
         path.with_suffix(".md").write_text(table + "\n")
 
@@ -719,7 +726,7 @@ def calibrate(
         }
         typer.echo(json.dumps(report, indent=1))
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=1))
+        _report_path(json_path).write_text(json.dumps(report, indent=1))
 
 
 def _comparison_table(report: dict) -> str:
