@@ -39,6 +39,21 @@ def masked_reference(x: torch.Tensor, w: Int4Weight, threshold: float, rounded: 
 
 
 @needs_kernel
+def test_selection_buffers_reused_between_calls_leave_nothing_behind():
+    """The kernel keeps each thread's selection buffers from call to call: a wide batch with every input
+    kept, then a narrow one with few, then the wide one again, each equals its masked reference."""
+    wide, narrow = fp16_weight(96, 1536, seed=2), fp16_weight(64, 64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    calls = [(wide, torch.randn(4, 1536, generator=g), -1.0), (narrow, torch.randn(1, 64, generator=g), 1.5),
+             (wide, torch.randn(2, 1536, generator=g), 0.3)]
+    for w, x, threshold in calls:
+        y, kept = int4_gather.gathered_mm(x, w.gathered(), threshold)
+        want = masked_reference(x, w, threshold)
+        torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+        assert kept == (kept_entries(x, threshold).tolist() if threshold >= 0 else [x.shape[1]] * x.shape[0])
+
+
+@needs_kernel
 @pytest.mark.parametrize("out, inn", [(64, 32), (48, 96), (200, 160), (576, 1536)])  # 48, 200: padded to 64 outputs
 @pytest.mark.parametrize("bits", [4, 8])  # 8: two 4-bit planes (Q8_0)
 @pytest.mark.parametrize("batch", [1, 3])

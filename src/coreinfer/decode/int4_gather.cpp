@@ -354,9 +354,9 @@ void tile_product(const uint8_t* slab, const at::Half* scales, const at::Half* m
 // groups cut in `splits` near-equal ranges, range i % splits added into out[i % splits].
 template <int BITS>
 void run_items(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t planes, int64_t in,
-               int64_t group, int64_t outp, int64_t tb, int64_t splits, const std::vector<Kept>& kept, float* out,
+               int64_t group, int64_t outp, int64_t tb, int64_t splits, const Kept* kept, int64_t batch, float* out,
                int64_t begin, int64_t end) {
-  const int64_t groups = in / group, nblocks = outp / BLOCK, batch = static_cast<int64_t>(kept.size());
+  const int64_t groups = in / group, nblocks = outp / BLOCK;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t t = item / splits, split = item % splits;
     const int64_t first = t * tb, blocks = std::min(first + tb, nblocks) - first;
@@ -395,7 +395,11 @@ std::tuple<at::Tensor, std::vector<int64_t>> gather_mm(const at::Tensor& x, cons
   const int64_t group = in / scales.size(1);
   TORCH_CHECK(group == 32 || group == 16, "group: 32 or 16 inputs per scale");
   TORCH_CHECK(tile_blocks > 0, "tile_blocks");
-  std::vector<Kept> kept(batch);
+  // Reused from call to call, one set per calling thread: this runs for every product of every decoded
+  // token, and select's resizes allocate only when a call needs more than every call before it.
+  thread_local std::vector<Kept> kept;
+  if (static_cast<int64_t>(kept.size()) < batch) kept.resize(batch);
+  const Kept* selected = kept.data();  // the workers below must read this thread's sets, not their own
   std::vector<int64_t> counts(batch);
   for (int64_t b = 0; b < batch; ++b) {
     if (x.scalar_type() == at::kBFloat16) select(x.data_ptr<at::BFloat16>() + b * in, in, group, threshold, kept[b]);
@@ -411,8 +415,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> gather_mm(const at::Tensor& x, cons
   const at::Half* m = mins.data_ptr<at::Half>();
   float* a = parts.data_ptr<float>();
   at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    if (bits == 8) run_items<8>(c, s, m, planes, in, group, outp, tile_blocks, splits, kept, a, begin, end);
-    else run_items<4>(c, s, m, planes, in, group, outp, tile_blocks, splits, kept, a, begin, end);
+    if (bits == 8) run_items<8>(c, s, m, planes, in, group, outp, tile_blocks, splits, selected, batch, a, begin, end);
+    else run_items<4>(c, s, m, planes, in, group, outp, tile_blocks, splits, selected, batch, a, begin, end);
   });
   for (int64_t split = 1; split < splits; ++split)  // the threads' sums into the first's
     for (int64_t i = 0; i < batch * outp; ++i) a[i] += a[split * batch * outp + i];
