@@ -314,7 +314,7 @@ def quality(
         with open(_report_path(json_path), "w") as f:
             json.dump(report, f, indent=1)
     if markdown:
-        with open(markdown, "w") as f:
+        with open(_report_path(markdown), "w") as f:
             f.write(text + "\n")
     if plot:
         q.pareto_plot(rows, plot)
