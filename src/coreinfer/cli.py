@@ -79,9 +79,10 @@ def _read_prompt(prompt: Optional[str]) -> str:
     return prompt
 
 
-def _report_path(json_path: str) -> Path:
-    """Where a ``--json`` report goes, its folder made: a long run must not end on a missing directory."""
-    path = Path(json_path)
+def _report_path(target: str) -> Path:
+    """Where a report file (``--json``, ``--markdown``, ``--plot``, ``--out``) goes, its folder made: a long
+    run must not end on a missing directory."""
+    path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -317,7 +318,7 @@ def quality(
         with open(_report_path(markdown), "w") as f:
             f.write(text + "\n")
     if plot:
-        q.pareto_plot(rows, plot)
+        q.pareto_plot(rows, str(_report_path(plot)))
 
 
 # lm-evaluation-harness (issue 3)
@@ -507,7 +508,7 @@ def similarity_eval(
         _fail(str(err))
     text = json.dumps(report, indent=1)
     if out:
-        Path(out).write_text(text + "\n", encoding="utf-8")
+        _report_path(out).write_text(text + "\n", encoding="utf-8")
     typer.echo(text)
 
 
