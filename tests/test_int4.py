@@ -172,3 +172,27 @@ def test_keep_one_on_int4_reproduces_dense_int4():
     kept, _ = engine.continuation_logits(batch, answer, keep_one, backend="lean", weights="int4")
     for got, want in zip(kept, dense):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q8_0"])
+def test_gguf_blocks_read_in_parts_equal_one_read(kind):
+    """Large matrices are read a few thousand rows at a time (a 128k-token embedding would widen to
+    1 GB of int32 codes at once): the parts joined are the whole."""
+    raw = random_blocks(kind, 48, 256, seed=3)
+    whole = int4_from_gguf_tensor(kind, raw, 48, 256)
+    parts = int4_from_gguf_tensor(kind, raw, 48, 256, rows_per_part=16)
+    assert len(parts.codes) == len(whole.codes)
+    for a, b in zip(parts.codes + parts.scale_zeros, whole.codes + whole.scale_zeros):
+        assert torch.equal(a, b)
+
+
+def test_the_block_check_compares_every_row_block():
+    from coreinfer.decode.gguf_blocks import _reproduces
+
+    weight = int4_from_gguf_tensor("Q4_1", random_blocks("Q4_1", 48, 64, seed=4), 48, 64)
+    exact = weight.dequantize()
+    assert _reproduces(weight, exact, rows=16)
+    last = exact.clone()
+    last[-1, -1] += 0.01 * exact.abs().max()  # off in the last block of rows only
+    assert not _reproduces(weight, last, rows=16)
+    assert not _reproduces(weight, exact[:32], rows=16)  # another shape

@@ -82,3 +82,49 @@ def test_default_model_uses_the_shipped_calibration(real_engine, monkeypatch, tm
     assert not list(tmp_path.iterdir())  # nothing was recalibrated
     result = real_engine.generate(PROMPT, SparsityConfig(rule="adaptive", keep=0.6), SamplingConfig(max_new_tokens=8))
     assert result.ffn_density == pytest.approx(0.6, abs=0.002)
+
+
+def test_gguf_cache_written_tensor_by_tensor_holds_what_transformers_loads(real_engine, tmp_path):
+    """The cache is dequantised one tensor at a time (a 1B model's first load peaked at 8 GB when
+    transformers built the whole model); its contents must be exactly transformers' own load."""
+    from transformers import AutoModelForCausalLM
+
+    from coreinfer import loading
+
+    gguf = default_gguf_path()
+    loading._dequantise_gguf(gguf, tmp_path)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1  # shards: never the whole model at once
+    own = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tied = own.config.tie_word_embeddings
+    expected = {k: v for k, v in own.state_dict().items() if not (tied and k == "lm_head.weight")}
+    index = loading.json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loading.cached_tensor(tmp_path, name), tensor), name
+    reloaded, _ = load_hf(tmp_path)
+    differs = {k for k, v in own.config.to_dict().items() if reloaded.config.to_dict().get(k) != v}
+    assert differs == {"quantization_config", "_name_or_path"}  # the GGUF's quantisation, and where it lay
+    assert reloaded.generation_config.to_dict() == own.generation_config.to_dict()
+
+
+def test_gguf_blocks_are_checked_against_the_cache_not_the_loaded_model(real_engine):
+    """``reference`` (the dequantised cache, read tensor by tensor) is what each block must reproduce:
+    checked through the loaded model's mapped parameters, the whole fp32 model would become resident."""
+    from functools import partial
+
+    from coreinfer.decode.gguf_blocks import gguf_int4_weights
+    from coreinfer.decode.lean import _matrices
+    from coreinfer.loading import cached_tensor
+
+    gguf, entry = default_gguf_path(), cached_model_dir(default_gguf_path())
+    matrices = _matrices(real_engine.model)
+    wrong = {name: torch.zeros_like(w) for name, w in matrices.items()}  # must not be what is compared
+    found = gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=partial(cached_tensor, entry))
+    layers = real_engine.model.config.num_hidden_layers
+    assert len(found) == 7 * layers + 1  # every projection and the tied embedding: the file's own blocks
+
+    down = "model.layers.3.mlp.down_proj.weight"
+    def changed(name):
+        tensor = cached_tensor(entry, name)
+        return tensor.clone().index_fill_(0, torch.tensor([tensor.shape[0] - 1]), 0.5) if name == down else tensor
+    assert down not in gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=changed)

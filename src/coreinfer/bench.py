@@ -618,6 +618,9 @@ def speed_quality_plot(report: BenchReport, path: Path) -> None:
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, head_dim=64, tie_word_embeddings=True),
+    # Qwen2.5-1.5B's sizes as a Llama (no q/k/v biases): a 1.5B model, 6.2 GB in fp32.
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, head_dim=128, tie_word_embeddings=True),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }

@@ -568,7 +568,7 @@ def bench(
     repeats: int = typer.Option(5, min=1, help="Measured rounds (after one warm-up round); medians are reported."),
     keeps: str = typer.Option("1.0,0.6,0.4,0.2", help="CoreInfer keep fractions, comma-separated."),
     token_keeps: str = typer.Option("0.7,0.6,0.5", help="Token-level keeps (share of FFN weights read), comma-separated; the last also with the attention thinned."),
-    shape: Optional[str] = typer.Option(None, help="Instead: speed only, dense vs token-level (FFN and attention) on random weights at a real shape: llama-3.2-1b or llama-3-8b."),
+    shape: Optional[str] = typer.Option(None, help="Instead: speed only, dense vs token-level (FFN and attention) on random weights at a real shape: llama-3.2-1b, qwen2.5-1.5b (its sizes as a Llama) or llama-3-8b."),
     shape_keeps: str = typer.Option("0.5", help="--shape: token-level keeps, comma-separated."),
     weights: Optional[str] = typer.Option(None, help="Lean weights of the sparse rows and the default row: fp32, bf16, int8 or int4 (default: the engine's, see --weights of generate); token-level rows need fp32 or bf16 and take fp32 otherwise."),
     quality_items: int = typer.Option(6, min=0, help="GSM8K answers scored teacher-forced for every row's agreement (0 skips)."),

@@ -16,6 +16,7 @@ queue on it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import threading
@@ -36,7 +37,7 @@ from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
 from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel
-from .loading import cache_root, gguf_int4_cache
+from .loading import cache_root, cached_tensor, gguf_int4_cache
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 from .token_calibration import calibrate_tokens
@@ -290,7 +291,12 @@ class Engine:
         check_weights(weights)
         if weights not in self._lean:
             cache = gguf_int4_cache(self.gguf) if self.gguf is not None else None
-            self._lean[weights] = LeanBackend(LeanModel(self.model, weights, gguf=self.gguf, gguf_cache=cache))
+            # The GGUF's blocks are checked against its dequantised cache read tensor by tensor, not
+            # through this model, whose parameters map that cache: read whole, they would stay resident.
+            hf_dir = cache.parent if cache is not None and (cache.parent / "config.json").is_file() else None
+            reference = functools.partial(cached_tensor, hf_dir) if hf_dir is not None else None
+            self._lean[weights] = LeanBackend(LeanModel(self.model, weights, gguf=self.gguf, gguf_cache=cache,
+                                                        reference=reference))
         return self._lean[weights]
 
     def eos_ids(self) -> set[int]:

@@ -23,7 +23,6 @@ which re-prefills after its warm-up) run whole, one at a time, through ``Engine.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections import deque
@@ -35,6 +34,7 @@ import torch
 from .config import SamplingConfig, SparsityConfig
 from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState, PromptCache
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
+from .loading import release_free_memory
 
 
 def check_limits(max_batch: int, max_queue: int, queue_timeout: float) -> None:
@@ -304,19 +304,6 @@ class Lane:
         device = self.full.valid.device
         tokens = torch.tensor([row.next_token for row in self.rows], device=device)
         return self.backend.step(self.state, tokens)
-
-
-def release_free_memory() -> None:
-    """Hand the C allocator's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
-
-    Prefills and batches of every size leave freed blocks scattered in glibc's arenas: a 200-request
-    soak grew the server's RSS by 31 % with nothing live. Trimming when the scheduler goes idle keeps
-    the process at what it holds.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def lane_kind(sparsity: Optional[SparsityConfig]) -> str:

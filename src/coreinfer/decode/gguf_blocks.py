@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .weights import Int4Weight, int4_fits
+from .weights import Int4Weight, cat_rows, int4_fits
 
 Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, group] ints, scale [n], offset [n], bits
 
@@ -100,19 +100,28 @@ READERS: dict[str, tuple[int, int, Callable[[np.ndarray], Blocks]]] = {
 
 
 def int4_from_gguf_tensor(kind: str, raw: np.ndarray, rows: int, cols: int,
-                          dtype: torch.dtype = torch.bfloat16) -> Optional[Int4Weight]:
-    """One GGUF matrix (``[rows, cols]`` in nn.Linear's layout) as an ``Int4Weight``; None for other types."""
+                          dtype: torch.dtype = torch.bfloat16, rows_per_part: int = 4096) -> Optional[Int4Weight]:
+    """One GGUF matrix (``[rows, cols]`` in nn.Linear's layout) as an ``Int4Weight``; None for other types.
+
+    Read ``rows_per_part`` rows at a time: the readers widen every code to int32, which for a
+    128k-token embedding would be 1 GB at once.
+    """
     if kind not in READERS or not int4_fits(rows, cols):
         return None
     block_bytes, _, read = READERS[kind]
-    q, scale, offset, bits = read(np.ascontiguousarray(raw).reshape(-1, block_bytes))
-    group = q.shape[1]
-    return Int4Weight.from_integers(
-        torch.from_numpy(q.reshape(rows, cols)),
-        torch.from_numpy(scale.reshape(rows, cols // group)),
-        torch.from_numpy(offset.reshape(rows, cols // group)),
-        bits, group, dtype,
-    )
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1)  # each row's blocks, as bytes
+    parts = []
+    for start in range(0, rows, rows_per_part):
+        part = blocks[start : start + rows_per_part]
+        q, scale, offset, bits = read(part.reshape(-1, block_bytes))
+        group, count = q.shape[1], part.shape[0]
+        parts.append(Int4Weight.from_integers(
+            torch.from_numpy(q.reshape(count, cols)),
+            torch.from_numpy(scale.reshape(count, cols // group)),
+            torch.from_numpy(offset.reshape(count, cols // group)),
+            bits, group, dtype,
+        ))
+    return parts[0] if len(parts) == 1 else cat_rows(parts)
 
 
 def _row_order(hf_model: nn.Module, gguf_name: str, rows: int) -> np.ndarray:
@@ -129,13 +138,17 @@ def _row_order(hf_model: nn.Module, gguf_name: str, rows: int) -> np.ndarray:
     return processor.process(index, gguf_name).weights.reshape(-1).astype(np.int64)
 
 
-def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: dict[str, torch.Tensor],
-                      dtype: torch.dtype = torch.bfloat16, cache: Optional[Path] = None) -> dict[str, Int4Weight]:
+def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor],
+                      dtype: torch.dtype = torch.bfloat16, cache: Optional[Path] = None,
+                      reference: Optional[Callable[[str], torch.Tensor]] = None) -> dict[str, Int4Weight]:
     """The GGUF's own blocks of each ``wanted`` matrix (transformers' parameter name -> the loaded
     weight) that they reproduce, by the same names; ``dtype`` is the activations'.
 
     Reading a GGUF takes seconds (gguf-py parses its whole vocabulary first); with ``cache`` (a
     safetensors file beside the dequantised model) the blocks are read and checked once, then loaded.
+    ``reference(name)``, where given, reads the dequantised weight a block is checked against in
+    place of ``wanted[name]``: the loaded model's weights are mapped from the dequantised cache, and
+    reading them all would leave the whole fp32 model resident.
     """
     if cache is not None and cache.exists():
         try:
@@ -143,7 +156,7 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: dict[str, torch.T
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache: read the GGUF again
     try:
-        found = _read(path, hf_model, wanted, dtype)
+        found = _read(path, hf_model, wanted, dtype, reference or wanted.__getitem__)
     except (OSError, ValueError) as err:  # a file transformers read but gguf-py cannot: no blocks, bf16 throughout
         warnings.warn(f"int4: could not read the blocks of {path} ({err}); its matrices stay in bf16")
         return {}
@@ -152,7 +165,8 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: dict[str, torch.T
     return found
 
 
-def _read(path: Path, hf_model: nn.Module, wanted: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Int4Weight]:
+def _read(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor], dtype: torch.dtype,
+          reference: Callable[[str], torch.Tensor]) -> dict[str, Int4Weight]:
     from gguf import GGUFReader
 
     hf_names = _gguf_names(hf_model.config, wanted)
@@ -168,7 +182,7 @@ def _read(path: Path, hf_model: nn.Module, wanted: dict[str, torch.Tensor], dtyp
         order = _row_order(hf_model, tensor.name, rows)
         if not np.array_equal(order, np.arange(rows)):
             weight = weight.rows(torch.from_numpy(order), rows)
-        if _reproduces(weight, wanted[hf_name]):
+        if _reproduces(weight, reference(hf_name)):
             found[hf_name] = weight
     return found
 
@@ -222,12 +236,21 @@ def _load(cache: Path, dtype: torch.dtype) -> dict[str, Int4Weight]:
     return found
 
 
-def _reproduces(weight: Int4Weight, reference: torch.Tensor) -> bool:
-    reference = reference.detach().float().cpu()
+def _reproduces(weight: Int4Weight, reference: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether ``weight`` dequantises to ``reference`` (within 1e-5 of its largest magnitude).
+
+    Compared a block of rows at a time: a 128k-token embedding is 1 GB in fp32, and the check
+    should not hold three such copies at once on a model's first load.
+    """
     if tuple(reference.shape) != weight.shape:
         return False
-    error = (weight.dequantize().cpu() - reference).abs().max()
-    return bool(error <= 1e-5 * reference.abs().max().clamp(min=1e-30))
+    worst = largest = 0.0
+    for start in range(0, weight.shape[0], rows):
+        index = torch.arange(start, min(start + rows, weight.shape[0]), device=weight.codes[0].device)
+        expected = reference[start : start + len(index)].detach().float().cpu()
+        error = (weight.rows(index, len(index)).dequantize().cpu() - expected).abs().max()
+        worst, largest = max(worst, float(error)), max(largest, float(expected.abs().max()))
+    return worst <= 1e-5 * max(largest, 1e-30)
 
 
 __all__ = ["READERS", "gguf_int4_weights", "int4_from_gguf_tensor"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class LeanModel:
     """Contiguous decode-time weights of a Llama-family HF model."""
 
     def __init__(self, hf_model: nn.Module, weights: str = "fp32", gguf: Optional[Path] = None,
-                 gguf_cache: Optional[Path] = None):
+                 gguf_cache: Optional[Path] = None, reference: Optional[Callable[[str], torch.Tensor]] = None):
         config = hf_model.config
         if config.model_type not in SUPPORTED_TYPES:
             raise ValueError(f"the lean backend supports {', '.join(SUPPORTED_TYPES)}, not {config.model_type}")
@@ -117,7 +117,8 @@ class LeanModel:
         self.act = _mlp(hf_model.model.layers[0]).act_fn
         # int4 from a GGUF: the file's own blocks where they hold a matrix exactly, bf16 where they cannot.
         # (Held only while the matrices are built: _matrix and _fused read it.)
-        self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.store_dtype, gguf_cache)
+        # ``reference`` reads the dequantised weights a GGUF's blocks are checked against (see gguf_blocks).
+        self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.store_dtype, gguf_cache, reference)
                       if weights == "int4" and gguf else None)
         self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
         self.norm = self._norm(hf_model.model.norm)
