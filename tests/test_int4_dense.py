@@ -102,3 +102,19 @@ def test_groups_of_16_read_gguf_q6_k(batch):
 def test_a_scale_fp16_cannot_hold_leaves_the_matrix_on_torchs_kernel():
     tiny = Int4Weight.from_integers(torch.randint(0, 16, (64, 64)), torch.full((64, 2), 1e-9), torch.zeros(64, 2), 4)
     assert int4_dense.Int4Dense.of(tiny.codes, tiny.scale_zeros) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])
+def test_the_layout_built_in_parts_is_the_layout_built_whole(kind):
+    """A large matrix's layout is built a few thousand outputs at a time, the last part padded: the same
+    bytes as one build, for 4-bit, joined 8-bit and groups-of-16 planes."""
+    from coreinfer.decode.gguf_blocks import int4_from_gguf_tensor
+
+    from test_int4 import random_blocks
+
+    w = int4_from_gguf_tensor(kind, random_blocks(kind, 208, 256, seed=7), 208, 256)  # 3 tiles and a part
+    whole = int4_dense.Int4Dense.of(w.codes, w.scale_zeros)
+    parts = int4_dense.Int4Dense.of(w.codes, w.scale_zeros, rows_per_part=int4_dense.TILE)
+    assert (parts.bits, parts.group, parts.outp, parts.out_features) == (whole.bits, whole.group, whole.outp, 208)
+    assert torch.equal(parts.stream, whole.stream)

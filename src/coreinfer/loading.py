@@ -325,6 +325,10 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
             if weights.dtype != np.float32 or not weights.flags.writeable:
                 weights = np.array(weights, dtype=np.float32)
             shards.add(names[result.name], torch.from_numpy(weights))
+    # Some processors store a tensor themselves (GPT-2's LM head, the experts of MoE models, filled in
+    # over several GGUF tensors) and return no name: they are complete only now.
+    for name, tensor in parsed["tensors"].items():
+        shards.add(name, tensor.float())
     shards.close()
     config.save_pretrained(target)
     GenerationConfig.from_model_config(config).save_pretrained(target)

@@ -40,8 +40,22 @@ class Int4Dense:
     group: int = GROUP  # inputs per weight scale: 32, or 16
 
     @classmethod
-    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor]) -> Optional["Int4Dense"]:
-        """From ``Int4Weight``'s planes; None where a scale or min does not fit fp16 (``kernel_planes``)."""
+    def of(cls, codes: list[torch.Tensor], scale_zeros: list[torch.Tensor],
+           rows_per_part: int = 256 * TILE) -> Optional["Int4Dense"]:
+        """From ``Int4Weight``'s planes; None where a scale or min does not fit fp16 (``kernel_planes``).
+
+        Built ``rows_per_part`` outputs at a time (the stream is tile-major, so the parts' streams
+        joined are the whole's): each code widens to a byte and is copied twice on the way, which
+        for Gemma 3's 262k-row head held 1 GB at once.
+        """
+        out_features = codes[0].shape[0]
+        if out_features > rows_per_part:
+            parts = [cls.of([c[r : r + rows_per_part] for c in codes], [sz[:, r : r + rows_per_part] for sz in scale_zeros],
+                            rows_per_part) for r in range(0, out_features, rows_per_part)]
+            if all(p is not None for p in parts) and len({(p.bits, p.group) for p in parts}) == 1:
+                return cls(torch.cat([p.stream for p in parts], dim=1), out_features,
+                           sum(p.outp for p in parts), parts[0].bits, parts[0].group)
+            # Parts that disagree (one plane pair joinable as 8 bits, another not): build it whole.
         planes = kernel_planes(codes, scale_zeros)
         if planes is None:
             return None
