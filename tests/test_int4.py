@@ -196,3 +196,38 @@ def test_the_block_check_compares_every_row_block():
     last[-1, -1] += 0.01 * exact.abs().max()  # off in the last block of rows only
     assert not _reproduces(weight, last, rows=16)
     assert not _reproduces(weight, exact[:32], rows=16)  # another shape
+
+
+def _sourced(kind: str, rows: int, cols: int, seed: int) -> Int4Weight:
+    """A GGUF-read matrix that can read its row layout back, as the int4 cache's are."""
+    weight = int4_from_gguf_tensor(kind, random_blocks(kind, rows, cols, seed=seed), rows, cols)
+    planes = ([c.clone() for c in weight.codes], [sz.clone() for sz in weight.scale_zeros])
+    weight.source = lambda: ([c.clone() for c in planes[0]], [sz.clone() for sz in planes[1]])
+    return weight
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the dense kernel's layout is a CPU layout")
+def test_dropped_rows_are_read_back_for_compaction_and_the_token_layout():
+    """Once the dense kernel's layout is built, the row layout (a second copy of the matrix) is dropped
+    and read back from its source when a sparse path needs it: the same values, and dropped again once
+    the token-level layout is built."""
+    from coreinfer.decode import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("coreinfer's CPU kernels do not build here")
+    gate, up = _sourced("Q4_1", 64, 128, seed=5), _sourced("Q8_0", 64, 128, seed=6)
+    fused = cat_rows([gate, up])
+    expected = fused.dequantize()
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(7))
+    dense = linear(x, fused)
+    assert fused.dense_layout() is not None and fused.drop_rows()
+    assert "codes" not in vars(fused) and fused.shape == (128, 128)
+    torch.testing.assert_close(linear(x, fused), dense)  # the product reads the kernel's layout only
+    assert "codes" not in vars(fused)
+    index = torch.tensor([3, 70, 9])
+    torch.testing.assert_close(fused.rows(index, 16).dequantize()[:3], expected[index])  # read back
+    assert fused.drop_rows() and fused.gathered() is not None
+    assert "codes" not in vars(fused)  # the token layout built, the rows are dropped again
+    torch.testing.assert_close(fused.dequantize(), expected)
+    unsourced = int4_from_gguf_tensor("Q4_1", random_blocks("Q4_1", 64, 128), 64, 128)
+    assert unsourced.dense_layout() is not None and not unsourced.drop_rows()  # nothing to read it back from

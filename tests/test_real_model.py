@@ -128,3 +128,29 @@ def test_gguf_blocks_are_checked_against_the_cache_not_the_loaded_model(real_eng
         tensor = cached_tensor(entry, name)
         return tensor.clone().index_fill_(0, torch.tensor([tensor.shape[0] - 1]), 0.5) if name == down else tensor
     assert down not in gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=changed)
+
+
+def test_int4_model_holds_the_kernel_layouts_and_reads_rows_back_from_the_cache(real_engine):
+    """Every GGUF matrix drops its row layout once packed (the dense kernel reads its own layout), and
+    reads back exactly the cache's blocks when sentence-level compaction needs rows."""
+    from coreinfer.decode import cpu_kernels
+    from coreinfer.decode.gguf_blocks import _load
+    from coreinfer.loading import gguf_int4_cache
+
+    if not cpu_kernels.available():
+        pytest.skip("coreinfer's CPU kernels do not build here")
+    from coreinfer.decode.lean import LeanModel
+
+    gguf = default_gguf_path()
+    lean = LeanModel(real_engine.model, "int4", gguf=gguf, gguf_cache=gguf_int4_cache(gguf))  # the engine's own
+    assert all("codes" not in vars(w) for w in lean.matrices())  # may have read rows back for earlier tests
+    stored = _load(gguf_int4_cache(default_gguf_path()), torch.float32)
+    down = lean.layers[5].w2
+    assert "codes" not in vars(down)
+    for a, b in zip(down.codes + down.scale_zeros, stored["model.layers.5.mlp.down_proj.weight"].codes
+                    + stored["model.layers.5.mlp.down_proj.weight"].scale_zeros):
+        assert torch.equal(a, b)
+    down.drop_rows()
+    result = real_engine.generate(PROMPT, SparsityConfig(keep=0.5, rule="coreinfer"), SamplingConfig(max_new_tokens=8),
+                                  backend="lean", weights="int4")
+    assert result.new_tokens >= 1 and result.text.strip()

@@ -15,6 +15,7 @@ rope); a matrix that does not match is not used.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -162,6 +163,10 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: Mapping[str, torc
         return {}
     if cache is not None:
         _save(found, cache)
+        try:  # the cache's mapped copy: rows that can be dropped and read back (Int4Weight.drop_rows)
+            return _load(cache, dtype)
+        except (OSError, ValueError, KeyError):
+            pass
     return found
 
 
@@ -230,10 +235,21 @@ def _load(cache: Path, dtype: torch.dtype) -> dict[str, Int4Weight]:
             raise ValueError(f"{cache}: not an int4 cache this version reads")
         for name, value in metadata.items():
             planes, group = (int(n) for n in value.split(":"))
-            codes = [stored.get_tensor(f"{name}/{p}/codes") for p in range(planes)]
-            scale_zeros = [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(planes)]
-            found[name] = Int4Weight(codes, scale_zeros, group, dtype)
+            rows, half = stored.get_slice(f"{name}/0/codes").get_shape()
+            # Read when first used, each matrix from its own mapping: the lean backend builds a layer,
+            # packs it and drops its rows before the next, so the file is never resident as a whole.
+            found[name] = Int4Weight.from_source(functools.partial(_planes_of, cache, name, planes),
+                                                 (rows, 2 * half), group, dtype)
     return found
+
+
+def _planes_of(cache: Path, name: str, planes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One matrix's planes from the int4 cache: views of the mapped file, read only when touched."""
+    from safetensors import safe_open
+
+    with safe_open(str(cache), "pt") as stored:
+        return ([stored.get_tensor(f"{name}/{p}/codes") for p in range(planes)],
+                [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(planes)])
 
 
 def _reproduces(weight: Int4Weight, reference: torch.Tensor, rows: int = 4096) -> bool:

@@ -120,13 +120,16 @@ class LeanModel:
         # ``reference`` reads the dequantised weights a GGUF's blocks are checked against (see gguf_blocks).
         self._gguf = (gguf_int4_weights(gguf, hf_model, _matrices(hf_model), self.store_dtype, gguf_cache, reference)
                       if weights == "int4" and gguf else None)
-        self.layers = [self._layer(i, layer) for i, layer in enumerate(hf_model.model.layers)]
+        self.layers = []
+        for i, layer in enumerate(hf_model.model.layers):  # packed one by one: see _pack
+            self.layers.append(self._layer(i, layer))
+            _pack([self.layers[-1].wqkv, self.layers[-1].wo, self.layers[-1].w13, self.layers[-1].w2])
         self.norm = self._norm(hf_model.model.norm)
         tied = hf_model.get_output_embeddings().weight is hf_model.model.embed_tokens.weight
         self.lm_head = self._matrix("model.embed_tokens.weight" if tied else "lm_head.weight",
                                     hf_model.get_output_embeddings().weight)
         self._gguf = None  # the layers hold what they use
-        _pack(self.matrices())
+        _pack([self.lm_head])
         # The model's own LM head (not a copy), read for a few rows per token: see exact_top_logits.
         self.head_exact = None if self.dtype == torch.float32 else hf_model.get_output_embeddings().weight.detach()
         embed = hf_model.model.embed_tokens
@@ -170,7 +173,7 @@ class LeanModel:
         (F16, or Q6_K without coreinfer's kernels), else quantised from the loaded weight."""
         if self._gguf is None:
             return quantize(weight, self.weights)
-        found = self._gguf.get(name)
+        found = self._gguf.pop(name, None)  # each is used once; held no longer than its layer's build
         return found if found is not None and int4_runs(found) else _c(weight, self.store_dtype)
 
     def _fused(self, parts: list[tuple[str, torch.Tensor]]) -> Weight:
@@ -268,10 +271,15 @@ def mlp_width(layer: LeanLayer) -> int:
 
 
 def _pack(weights: list[Weight]) -> None:
-    """Build the layout an int4 product reads now (it is otherwise made on first use)."""
+    """Build the layout an int4 product reads now (it is otherwise made on first use), and drop the row
+    layout where it can be read back (``Int4Weight.drop_rows``): a layer at a time while a model is
+    built, so its row layouts and kernel layouts are never all in memory together."""
     for w in weights:
-        if isinstance(w, Int4Weight) and w.codes[0].device.type == "cpu" and w.dense_layout() is None:
+        if not isinstance(w, Int4Weight):
+            continue
+        if w.dense_layout() is None and w.codes[0].device.type == "cpu":
             w.kernel()
+        w.drop_rows()
 
 
 def _matrices(hf_model: nn.Module) -> dict[str, torch.Tensor]:
