@@ -96,3 +96,25 @@ def test_failed_build_leaves_no_entry(fake_gguf, monkeypatch):
         cached_model_dir(gguf)
     assert not loading._gguf_cache_dir(gguf).exists()
     assert not list(loading._gguf_cache_dir(gguf).parent.glob(".building-*"))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q6_K", "F32"])
+def test_gguf_tensors_dequantise_in_row_blocks_to_the_whole(kind):
+    """The first load dequantises a large tensor a block of rows at a time (gguf-py's intermediates for
+    a whole 262k-row embedding held three times the result): the same array as one call."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from test_int4 import random_blocks
+
+    if kind == "F32":
+        data = np.random.default_rng(0).standard_normal((48, 64)).astype(np.float32)
+    else:
+        data = random_blocks(kind, 48, 256)
+    tensor = SimpleNamespace(data=data, tensor_type=GGMLQuantizationType[kind])
+    whole = dequantize(data, tensor.tensor_type)
+    blocks = loading._dequantised(tensor, dequantize, rows=16)
+    assert blocks.dtype == whole.dtype and np.array_equal(blocks, whole)

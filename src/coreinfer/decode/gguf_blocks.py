@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weights import Int4Weight, cat_rows, int4_fits
+from ..process_memory import release_free_memory
+from .weights import Int4Weight, int4_fits
 
 Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, group] ints, scale [n], offset [n], bits
 
@@ -111,18 +112,26 @@ def int4_from_gguf_tensor(kind: str, raw: np.ndarray, rows: int, cols: int,
         return None
     block_bytes, _, read = READERS[kind]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1)  # each row's blocks, as bytes
-    parts = []
+    codes: list[torch.Tensor] = []
+    scale_zeros: list[torch.Tensor] = []
     for start in range(0, rows, rows_per_part):
         part = blocks[start : start + rows_per_part]
         q, scale, offset, bits = read(part.reshape(-1, block_bytes))
         group, count = q.shape[1], part.shape[0]
-        parts.append(Int4Weight.from_integers(
+        piece = Int4Weight.from_integers(
             torch.from_numpy(q.reshape(count, cols)),
             torch.from_numpy(scale.reshape(count, cols // group)),
             torch.from_numpy(offset.reshape(count, cols // group)),
             bits, group, dtype,
-        ))
-    return parts[0] if len(parts) == 1 else cat_rows(parts)
+        )
+        if not codes:  # the whole matrix's planes, filled part by part (joining parts would hold them twice)
+            codes = [c.new_empty(rows, c.shape[1]) for c in piece.codes]
+            scale_zeros = [sz.new_empty(sz.shape[0], rows, 2) for sz in piece.scale_zeros]
+        for whole, c in zip(codes, piece.codes):
+            whole[start : start + count] = c
+        for whole, sz in zip(scale_zeros, piece.scale_zeros):
+            whole[:, start : start + count] = sz
+    return Int4Weight(codes, scale_zeros, group, dtype)
 
 
 def _row_order(hf_model: nn.Module, gguf_name: str, rows: int) -> np.ndarray:
@@ -141,15 +150,15 @@ def _row_order(hf_model: nn.Module, gguf_name: str, rows: int) -> np.ndarray:
 
 def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor],
                       dtype: torch.dtype = torch.bfloat16, cache: Optional[Path] = None,
-                      reference: Optional[Callable[[str], torch.Tensor]] = None) -> dict[str, Int4Weight]:
+                      reference: Optional[Callable[[str, int, int], torch.Tensor]] = None) -> dict[str, Int4Weight]:
     """The GGUF's own blocks of each ``wanted`` matrix (transformers' parameter name -> the loaded
     weight) that they reproduce, by the same names; ``dtype`` is the activations'.
 
     Reading a GGUF takes seconds (gguf-py parses its whole vocabulary first); with ``cache`` (a
     safetensors file beside the dequantised model) the blocks are read and checked once, then loaded.
-    ``reference(name)``, where given, reads the dequantised weight a block is checked against in
-    place of ``wanted[name]``: the loaded model's weights are mapped from the dequantised cache, and
-    reading them all would leave the whole fp32 model resident.
+    ``reference(name, start, end)``, where given, reads rows ``[start, end)`` of the dequantised weight a
+    block is checked against in place of ``wanted[name]``: the loaded model's weights are mapped from the
+    dequantised cache, and reading them all would leave the whole fp32 model resident.
     """
     if cache is not None and cache.exists():
         try:
@@ -157,10 +166,12 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: Mapping[str, torc
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache: read the GGUF again
     try:
-        found = _read(path, hf_model, wanted, dtype, reference or wanted.__getitem__)
+        found = _read(path, hf_model, wanted, dtype, reference or (lambda name, start, end: wanted[name][start:end]))
     except (OSError, ValueError) as err:  # a file transformers read but gguf-py cannot: no blocks, bf16 throughout
         warnings.warn(f"int4: could not read the blocks of {path} ({err}); its matrices stay in bf16")
         return {}
+    finally:
+        release_free_memory()  # reading left freed blocks of every matrix's size in the allocator
     if cache is not None:
         _save(found, cache)
         try:  # the cache's mapped copy: rows that can be dropped and read back (Int4Weight.drop_rows)
@@ -171,12 +182,14 @@ def gguf_int4_weights(path: Path, hf_model: nn.Module, wanted: Mapping[str, torc
 
 
 def _read(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor], dtype: torch.dtype,
-          reference: Callable[[str], torch.Tensor]) -> dict[str, Int4Weight]:
+          reference: Callable[[str, int, int], torch.Tensor]) -> dict[str, Int4Weight]:
     from gguf import GGUFReader
 
     hf_names = _gguf_names(hf_model.config, wanted)
     found = {}
-    for tensor in GGUFReader(str(path)).tensors:
+    reader = GGUFReader(str(path))
+    reader.fields.clear()  # the metadata, parsed token by token (0.5 GB for a 262k vocabulary), is not read here
+    for tensor in reader.tensors:
         hf_name = hf_names.get(tensor.name)
         if hf_name is None or len(tensor.shape) != 2:
             continue
@@ -187,7 +200,7 @@ def _read(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor], d
         order = _row_order(hf_model, tensor.name, rows)
         if not np.array_equal(order, np.arange(rows)):
             weight = weight.rows(torch.from_numpy(order), rows)
-        if _reproduces(weight, reference(hf_name)):
+        if tuple(wanted[hf_name].shape) == weight.shape and _reproduces(weight, functools.partial(reference, hf_name)):
             found[hf_name] = weight
     return found
 
@@ -252,18 +265,20 @@ def _planes_of(cache: Path, name: str, planes: int) -> tuple[list[torch.Tensor],
                 [stored.get_tensor(f"{name}/{p}/scale_zeros") for p in range(planes)])
 
 
-def _reproduces(weight: Int4Weight, reference: torch.Tensor, rows: int = 4096) -> bool:
-    """Whether ``weight`` dequantises to ``reference`` (within 1e-5 of its largest magnitude).
+def _reproduces(weight: Int4Weight, reference: Callable[[int, int], torch.Tensor], rows: int = 4096) -> bool:
+    """Whether ``weight`` dequantises to the rows ``reference(start, end)`` reads (within 1e-5 of their
+    largest magnitude).
 
-    Compared a block of rows at a time: a 128k-token embedding is 1 GB in fp32, and the check
-    should not hold three such copies at once on a model's first load.
+    Compared a block of rows at a time, each block read on its own: a 128k-token embedding is 1 GB in
+    fp32, and a model's first load should not hold it, let alone three copies.
     """
-    if tuple(reference.shape) != weight.shape:
-        return False
     worst = largest = 0.0
     for start in range(0, weight.shape[0], rows):
-        index = torch.arange(start, min(start + rows, weight.shape[0]), device=weight.codes[0].device)
-        expected = reference[start : start + len(index)].detach().float().cpu()
+        end = min(start + rows, weight.shape[0])
+        expected = reference(start, end).detach().float().cpu()
+        if tuple(expected.shape) != (end - start, weight.shape[1]):
+            return False
+        index = torch.arange(start, end, device=weight.codes[0].device)
         error = (weight.rows(index, len(index)).dequantize().cpu() - expected).abs().max()
         worst, largest = max(worst, float(error)), max(largest, float(expected.abs().max()))
     return worst <= 1e-5 * max(largest, 1e-30)
