@@ -231,3 +231,13 @@ def test_dropped_rows_are_read_back_for_compaction_and_the_token_layout():
     torch.testing.assert_close(fused.dequantize(), expected)
     unsourced = int4_from_gguf_tensor("Q4_1", random_blocks("Q4_1", 64, 128), 64, 128)
     assert unsourced.dense_layout() is not None and not unsourced.drop_rows()  # nothing to read it back from
+
+
+def test_a_row_layout_whose_cache_file_is_gone_says_so():
+    def gone():
+        raise FileNotFoundError("No such file or directory: int4.safetensors")
+
+    weight = Int4Weight.from_source(gone, (16, 64), 32, torch.float32)
+    assert weight.shape == (16, 64)  # known without reading
+    with pytest.raises(RuntimeError, match="cache file, which is gone"):
+        weight.codes
