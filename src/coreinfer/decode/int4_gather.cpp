@@ -188,6 +188,20 @@ inline void interleave(const uint8_t* a, const uint8_t* b, const uint8_t* c, con
   r[3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
 }
 
+#ifdef __AVX512F__
+// The same interleaving of 64 bytes of each row: it works within 128-bit lanes, so each vector holds the
+// 256-bit version's vector of the first 32 bytes in its low half and of the next 32 in its high half.
+inline void interleave(const uint8_t* a, const uint8_t* b, const uint8_t* c, const uint8_t* d, __m512i (&r)[4]) {
+  const __m512i A = _mm512_loadu_si512(a), B = _mm512_loadu_si512(b), C = _mm512_loadu_si512(c), D = _mm512_loadu_si512(d);
+  const __m512i ab_lo = _mm512_unpacklo_epi8(A, B), ab_hi = _mm512_unpackhi_epi8(A, B);
+  const __m512i cd_lo = _mm512_unpacklo_epi8(C, D), cd_hi = _mm512_unpackhi_epi8(C, D);
+  r[0] = _mm512_unpacklo_epi16(ab_lo, cd_lo);
+  r[1] = _mm512_unpackhi_epi16(ab_lo, cd_lo);
+  r[2] = _mm512_unpacklo_epi16(ab_hi, cd_hi);
+  r[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
+}
+#endif
+
 template <int BITS>
 inline void quad_sums(__m256i (&sums)[VECS], const uint8_t* const (&row)[4], int64_t off, int32_t word) {
   const __m256i x = _mm256_set1_epi32(word);
@@ -273,10 +287,9 @@ inline void group_block(const uint8_t* slab, int64_t row_bytes, const Kept& k, i
 }
 
 #ifdef __AVX512F__
-// Blocks blk and blk + 1 at once in 512-bit vectors (AVX-512): the interleaving works within 128-bit lanes, so
-// a 64-byte load of two 4-bit blocks (or one 8-bit block) gives, in each vector, the 256-bit version's vector
-// of the first block (or half) in its low half and the second's in its high half: one layout for both ISAs,
-// and half the instructions per weight.
+// Blocks blk and blk + 1 at once in 512-bit vectors (AVX-512): interleaving a 64-byte load of two 4-bit blocks
+// (or one 8-bit block) gives, in each vector, the 256-bit version's vector of the first block (or half) in its
+// low half and the second's in its high half: one layout for both ISAs, and half the instructions per weight.
 template <int BITS>
 inline void group_block_pair(const uint8_t* slab, int64_t row_bytes, const Kept& k, int32_t begin, int32_t end,
                              int64_t blk, Prefetcher& ahead, const at::Half* s_row, const at::Half* m_row, float step,
@@ -293,12 +306,9 @@ inline void group_block_pair(const uint8_t* slab, int64_t row_bytes, const Kept&
     const __m512i x = _mm512_set1_epi32(k.word(e));
     for (int h = 0; h < BITS / 4; ++h) {  // 4-bit: one 64-byte load per row; 8-bit: two
       const int64_t at = off + 64 * h;
-      const __m512i A = _mm512_loadu_si512(slab + q[0] * row_bytes + at), B = _mm512_loadu_si512(slab + q[1] * row_bytes + at);
-      const __m512i C = _mm512_loadu_si512(slab + q[2] * row_bytes + at), D = _mm512_loadu_si512(slab + q[3] * row_bytes + at);
-      const __m512i ab_lo = _mm512_unpacklo_epi8(A, B), ab_hi = _mm512_unpackhi_epi8(A, B);
-      const __m512i cd_lo = _mm512_unpacklo_epi8(C, D), cd_hi = _mm512_unpackhi_epi8(C, D);
-      const __m512i r[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
-                            _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
+      __m512i r[4];
+      interleave(slab + q[0] * row_bytes + at, slab + q[1] * row_bytes + at, slab + q[2] * row_bytes + at,
+                 slab + q[3] * row_bytes + at, r);
       for (int j = 0; j < 4; ++j) {
         if constexpr (BITS == 4) {
           sums[2 * j] = _mm512_dpbusd_epi32(sums[2 * j], _mm512_and_si512(r[j], nibble), x);
