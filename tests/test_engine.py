@@ -203,3 +203,12 @@ def test_wina_rule_weights_activations_by_down_columns():
     assert not torch.equal(session.neurons[1][0], top_neurons(griffin_scores(acts), 0.4))
     batch = engine.generate_ids(ps, sparsity, GREEDY)
     assert [r.token_ids for r in batch] == [engine.generate_ids([p], sparsity, GREEDY)[0].token_ids for p in ps]
+
+
+def test_releasing_pages_of_a_model_built_in_memory_does_nothing(tiny_engine):
+    ids = torch.tensor([[5, 9, 3]], device=tiny_engine.device)
+    with torch.inference_mode():
+        before = tiny_engine.model(ids).logits
+    assert tiny_engine.release_model_pages() == 0
+    with torch.inference_mode():
+        assert torch.equal(tiny_engine.model(ids).logits, before)

@@ -155,3 +155,14 @@ def test_int4_model_holds_the_kernel_layouts_and_reads_rows_back_from_the_cache(
     result = real_engine.generate(PROMPT, SparsityConfig(keep=0.5, rule="coreinfer"), SamplingConfig(max_new_tokens=8),
                                   backend="lean", weights="int4")
     assert result.new_tokens >= 1 and result.text.strip()
+
+
+def test_pages_a_dense_run_read_are_released_and_read_again_the_same(real_engine):
+    """The model's weights are mapped from the cache: after a run through the HF model (a calibration
+    releases them itself) their pages leave the resident set and come back from the file unchanged."""
+    ids = torch.tensor([real_engine.encode(PROMPT)])
+    with torch.inference_mode():
+        before = real_engine.model(ids).logits
+    assert real_engine.release_model_pages() > 100 * 2**20  # most of the 0.54 GB fp32 model had been read
+    with torch.inference_mode():
+        assert torch.equal(real_engine.model(ids).logits, before)

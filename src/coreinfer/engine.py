@@ -38,6 +38,7 @@ from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_log
 from .decode.reference import ReferenceBackend
 from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel
 from .loading import cache_root, cached_tensor, gguf_int4_cache
+from .process_memory import release_file_pages
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
 from .token_calibration import calibrate_tokens
@@ -538,7 +539,15 @@ class Engine:
                 continue
         measured = measure()
         measured.save(directory)
+        self.release_model_pages()  # the calibration ran the fp32 model; int4 decoding does not read it
         return measured
+
+    def release_model_pages(self) -> int:
+        """Drop the pages of the model's memory-mapped weights that a run through the Hugging Face model
+        read (a calibration, a dense reference) from the resident set; they are read again from their
+        files when next needed. Returns the bytes released (0 for a model not loaded from files)."""
+        where = getattr(self.model, "name_or_path", "") or ""
+        return release_file_pages(Path(where)) if where and Path(where).is_dir() else 0
 
     def down_column_norms(self) -> list[torch.Tensor]:
         """Each layer's ``‖W_down[:, n]‖`` per neuron, computed once (WINA's weighting)."""

@@ -1,8 +1,12 @@
-"""The process's own memory: handing freed pages back to the system."""
+"""The process's own memory: handing freed pages, and pages of mapped files, back to the system."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+from pathlib import Path
+
+MADV_DONTNEED = 4  # Linux
 
 
 def release_free_memory() -> None:
@@ -19,4 +23,42 @@ def release_free_memory() -> None:
         pass
 
 
-__all__ = ["release_free_memory"]
+def release_file_pages(directory: Path) -> int:
+    """Drop from this process's resident set the pages it has read of files under ``directory`` that it
+    maps (a model's safetensors, loaded memory-mapped); the next read of them faults them in again from
+    the file. Returns the bytes that were resident.
+
+    A mapping with a page written (copy-on-write: ``Anonymous`` in smaps) is left alone, as dropping it
+    would bring back the file's bytes; so is everything on a system without ``/proc/self/smaps``.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        smaps = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return 0
+    root = os.path.realpath(directory) + os.sep
+    released = 0
+    for start, end, path, fields in _mappings(smaps):
+        if path.startswith(root) and fields.get("Anonymous", 1) == 0 and fields.get("Rss", 0) > 0:
+            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+                released += fields["Rss"] * 1024
+    return released
+
+
+def _mappings(smaps: str):
+    """``(start, end, path, {field: kB})`` per mapping of ``/proc/self/smaps``."""
+    current = None
+    for line in smaps.splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            if current is not None:
+                yield current
+            low, high = (int(n, 16) for n in head[0].split("-"))
+            current = (low, high, head[5] if len(head) > 5 else "", {})
+        elif current is not None and len(head) >= 2 and head[0].endswith(":") and head[1].isdigit():
+            current[3][head[0][:-1]] = int(head[1])
+    if current is not None:
+        yield current
+
+
+__all__ = ["release_file_pages", "release_free_memory"]
