@@ -99,8 +99,9 @@ def test_gguf_cache_written_tensor_by_tensor_holds_what_transformers_loads(real_
     expected = {k: v for k, v in own.state_dict().items() if not (tied and k == "lm_head.weight")}
     index = loading.json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(index) == set(expected)
+    read = loading.cached_tensors(tmp_path)
     for name, tensor in expected.items():
-        assert torch.equal(loading.cached_tensor(tmp_path, name), tensor), name
+        assert torch.equal(read(name), tensor), name
     reloaded, _ = load_hf(tmp_path)
     differs = {k for k, v in own.config.to_dict().items() if reloaded.config.to_dict().get(k) != v}
     assert differs == {"quantization_config", "_name_or_path"}  # the GGUF's quantisation, and where it lay
@@ -110,23 +111,22 @@ def test_gguf_cache_written_tensor_by_tensor_holds_what_transformers_loads(real_
 def test_gguf_blocks_are_checked_against_the_cache_not_the_loaded_model(real_engine):
     """``reference`` (the dequantised cache, read tensor by tensor) is what each block must reproduce:
     checked through the loaded model's mapped parameters, the whole fp32 model would become resident."""
-    from functools import partial
-
     from coreinfer.decode.gguf_blocks import gguf_int4_weights
     from coreinfer.decode.lean import _matrices
-    from coreinfer.loading import cached_tensor
+    from coreinfer.loading import cached_tensors
 
     gguf, entry = default_gguf_path(), cached_model_dir(default_gguf_path())
     matrices = _matrices(real_engine.model)
     wrong = {name: torch.zeros_like(w) for name, w in matrices.items()}  # must not be what is compared
-    found = gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=partial(cached_tensor, entry))
+    read = cached_tensors(entry)
+    found = gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=read)
     layers = real_engine.model.config.num_hidden_layers
     assert len(found) == 7 * layers + 1  # every projection and the tied embedding: the file's own blocks
 
     down = "model.layers.3.mlp.down_proj.weight"
     def changed(name, start, end):  # the last row of one matrix differs
-        rows = cached_tensor(entry, name, start, end)
-        last = cached_tensor(entry, name).shape[0] - 1
+        rows = read(name, start, end)
+        last = read(name).shape[0] - 1
         return rows.clone().index_fill_(0, torch.tensor([last - start]), 0.5) if name == down and end > last else rows
     assert down not in gguf_int4_weights(gguf, real_engine.model, wrong, torch.float32, reference=changed)
 

@@ -16,7 +16,6 @@ queue on it.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import threading
@@ -37,7 +36,7 @@ from .decode.auto import choose_keep
 from .decode.loop import DecodeBackend, GenerationResult, TokenEvent, forced_logits, sample_next
 from .decode.reference import ReferenceBackend
 from .decode.weights import auto_gathers, check_weights, default_weights, gather_kernel
-from .loading import cache_root, cached_tensor, gguf_int4_cache
+from .loading import cache_root, cached_tensors, gguf_int4_cache
 from .process_memory import release_file_pages
 from .selection import get_rule, top_neurons, wina_scores
 from .sparse_ffn import CompactFFN, Handler, SparseFFN
@@ -295,7 +294,7 @@ class Engine:
             # The GGUF's blocks are checked against its dequantised cache read tensor by tensor, not
             # through this model, whose parameters map that cache: read whole, they would stay resident.
             hf_dir = cache.parent if cache is not None and (cache.parent / "config.json").is_file() else None
-            reference = functools.partial(cached_tensor, hf_dir) if hf_dir is not None else None
+            reference = cached_tensors(hf_dir) if hf_dir is not None else None
             self._lean[weights] = LeanBackend(LeanModel(self.model, weights, gguf=self.gguf, gguf_cache=cache,
                                                         reference=reference))
         return self._lean[weights]

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -384,24 +384,26 @@ class _ShardWriter:
         (self.target / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def cached_tensor(hf_dir: Path, name: str, start: Optional[int] = None, end: Optional[int] = None) -> torch.Tensor:
-    """One tensor of a safetensors model directory (single file or shards), or its rows ``[start, end)``,
-    mapped on its own: read-only.
+def cached_tensors(hf_dir: Path) -> Callable[..., torch.Tensor]:
+    """A reader of one tensor of a safetensors model directory (single file or shards), or of its rows
+    ``[start, end)``: ``read(name, start=None, end=None)``, each call mapped on its own, read-only. The
+    shards' index is read once, here: a block check calls it for every 4096 rows of every matrix.
 
     A check that reads the weights through this, rather than through the loaded model's
     memory-mapped parameters, leaves no page of them resident once the tensor is dropped.
     """
-    from safetensors import safe_open
-
     index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        file = json.loads(index.read_text())["weight_map"][name]
-    else:
-        file = "model.safetensors"
-    with safe_open(str(hf_dir / file), "pt") as stored:
-        if start is None and end is None:
-            return stored.get_tensor(name)
-        return stored.get_slice(name)[start:end]
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+    def read(name: str, start: Optional[int] = None, end: Optional[int] = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(hf_dir / (files[name] if files is not None else "model.safetensors")), "pt") as stored:
+            if start is None and end is None:
+                return stored.get_tensor(name)
+            return stored.get_slice(name)[start:end]
+
+    return read
 
 
 def cached_model_dir(gguf: Path, rebuild: bool = False) -> Path:
@@ -512,7 +514,7 @@ __all__ = [
     "cache_root",
     "cache_is_valid",
     "cached_model_dir",
-    "cached_tensor",
+    "cached_tensors",
     "checkpoint_dtype",
     "default_gguf_path",
     "gguf_int4_cache",
