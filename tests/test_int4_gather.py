@@ -194,7 +194,7 @@ def test_sparsify_matches_the_kernels_rule():
 @pytest.mark.parametrize("speedup, mode", [(0.84, "dense"), (1.3, "token")])  # SmolLM2's, and a 1B shape's
 def test_auto_chooses_token_level_on_int4_where_it_measures_faster(speedup, mode, monkeypatch, tmp_path):
     """keep="auto" may decode token-level on int4 (the gather kernel), where the speed check finds it at
-    least TOKEN_SPEEDUP times dense; scoring scores the calibrated level either way."""
+    least TOKEN_SPEEDUP times dense; scoring scores what decodes."""
     from coreinfer.engine import auto_reads_rows
 
     monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
@@ -208,7 +208,12 @@ def test_auto_chooses_token_level_on_int4_where_it_measures_faster(speedup, mode
     result = engine.generate_ids(prompts((9,)), sparsity, SamplingConfig(max_new_tokens=6), backend="lean",
                                  weights="int4")[0]
     assert result.mode == mode and (result.ffn_density < 1.0) == (mode == "token")
-    assert engine.resolve_scored(sparsity, backend) is not None
+    scored = engine.resolve_scored(sparsity, backend)
+    assert (scored is not None) == (mode == "token")
+    answer = [[5, 17, 33, 2]]
+    default, _ = engine.continuation_logits(prompts((9,)), answer, sparsity, backend="lean", weights="int4")
+    dense, _ = engine.continuation_logits(prompts((9,)), answer, None, backend="lean", weights="int4")
+    assert torch.equal(default[0], dense[0]) == (mode == "dense")  # the quality figure is the timed path's
 
 
 @needs_kernel

@@ -207,16 +207,20 @@ def test_headline_table_puts_each_rule_on_one_line():
 
 
 @pytest.mark.real_model
-def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_path):
+def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from coreinfer.cli import app
+    from coreinfer.decode import cpu_kernels
+    from coreinfer.engine import Engine
 
     data = tmp_path / "pairs.jsonl"
     answer = "The sky looks blue because air scatters short blue wavelengths of sunlight far more than red ones."
     data.write_text(json.dumps({"prompt": "Why is the sky blue?", "continuation": answer}) + "\n")
     out = tmp_path / "q.json"
     base = ["quality", "--data", str(data), "--calibration", "1", "--data-items", "1", "--json", str(out)]
+    # The default scores what it decodes, which the speed check decides: here it is told, not timed.
+    monkeypatch.setattr(Engine, "token_pays", lambda self, backend, sparsity: backend.name == "lean")
     result = CliRunner().invoke(app, [*base, "--weights", "fp32"])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
@@ -225,17 +229,21 @@ def test_quality_without_rule_or_keep_evaluates_the_default(real_engine, tmp_pat
     # The default is token-level: one calibrated level per model, no dense warm-up to report apart.
     assert default["mode"] == "token" and 0 < default["keep"] < 1.0 and "warmup" not in default
     assert 0 < default["ffn_density"] < 1.0 and default["ffn_density"] < default["weight_share"] < 1.0
-    # On the default weights (int4 from the GGUF) the gather kernel reads the kept rows too: the default scores
-    # its calibrated level there as well (it decodes it wherever the speed check finds it faster than dense).
+    # On the default weights (int4 from the GGUF) the gather kernel reads the kept rows too.
     result = CliRunner().invoke(app, base)
     assert result.exit_code == 0, result.output
     default = json.loads(out.read_text())["rows"][1]
-    from coreinfer.decode import cpu_kernels
-
     if cpu_kernels.available():
         assert (default["weights"], default["mode"]) == ("int4", "token") and 0 < default["ffn_density"] < 1.0
     else:  # no kernel, no int4 default either: it falls back to bf16 or fp32, which gather
         assert default["weights"] != "int4" and default["mode"] == "token"
+    # Where the level does not pay, the default decodes densely, and that is what its row scores.
+    monkeypatch.setattr(Engine, "token_pays", lambda self, backend, sparsity: False)
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.output
+    dense, default = json.loads(out.read_text())["rows"]
+    assert (default["mode"], default["keep"], default["ffn_density"]) == ("dense", 1.0, 1.0)
+    assert default["agreement"] == dense["agreement"] and default["ppl"] == dense["ppl"]
 
 
 def test_fact_questions_parse_and_match(tmp_path):

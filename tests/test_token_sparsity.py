@@ -205,6 +205,19 @@ def test_auto_token_mode_decodes_densely_where_it_is_not_faster(speedup, mode, m
     assert list((tmp_path / "calibration").glob("*/speed.json"))
     # The reference backend only masks: token-level never pays there and is not measured.
     assert engine.generate_ids(prompts((9,)), sparsity, SamplingConfig(max_new_tokens=4), backend="reference")[0].mode == "dense"
+    # Scoring follows what decodes: on the reference backend, the lean verdict for the model's own weights.
+    assert (engine.resolve_scored(sparsity, engine.backend("reference")) is not None) == (mode == "token")
+    assert measured == [1]
+
+
+def test_scoring_the_default_where_only_the_reference_backend_decodes_scores_dense(monkeypatch, tmp_path):
+    """An engine on the reference backend decodes token-level auto densely, so its quality rows score dense."""
+    engine = calibrated("llama", monkeypatch, tmp_path)
+    engine.backend_name = "reference"
+    monkeypatch.setattr(engine, "_measure_token_speedup", lambda backend, sparsity: pytest.fail("not measured"))
+    sparsity = SparsityConfig(keep="auto", mode="token", targets="ffn", quality=0.01)
+    assert engine.resolve_scored(sparsity, engine.backend()) is None
+    assert engine.generate_ids(prompts((9,)), sparsity, SamplingConfig(max_new_tokens=4))[0].mode == "dense"
 
 
 def test_token_mode_needs_float_lean_weights(monkeypatch, tmp_path):

@@ -266,8 +266,7 @@ class Engine:
             lean_fits = self.lean_supported() and length <= self._lean_backend(weights).max_length
             return self._lean_backend(weights) if lean_fits else ReferenceBackend(self)
         if name == "reference":
-            own = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.model.dtype)
-            if weights not in ("auto", "model", own):
+            if weights not in ("auto", "model", self.own_weights):
                 raise ValueError(
                     f"the reference backend runs the model's own weights; weights={weights!r} needs backend='lean'"
                 )
@@ -280,6 +279,11 @@ class Engine:
                 "use backend='reference'"
             )
         return self._lean_backend(weights)
+
+    @property
+    def own_weights(self) -> Optional[str]:
+        """The lean weight format of the model's own parameters (what the reference backend runs)."""
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.model.dtype)
 
     def default_weights(self) -> str:
         """What ``weights="auto"`` means for this engine: ``decode.weights.default_weights``."""
@@ -460,13 +464,14 @@ class Engine:
         return chosen if backend is None or self.token_pays(backend, chosen) else None
 
     def resolve_scored(self, sparsity: Optional[SparsityConfig], backend: DecodeBackend) -> Optional[SparsityConfig]:
-        """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: ``resolve`` without the
-        speed verdict (the calibrated level, wherever it would decode sparsely), except that token-level
-        auto on weights where auto never decodes token-level (int8: ``auto_reads_rows``) is what
-        decodes there: dense."""
-        if sparsity is not None and sparsity.auto and sparsity.token and not auto_reads_rows(backend):
-            return None
-        return self.resolve(sparsity)
+        """What teacher-forced scoring of ``sparsity`` on ``backend`` scores: what generation with the same
+        weights decodes (``resolve``, its speed verdict included), so that a quality figure belongs to the
+        path that was timed. The reference backend stands in for the engine's own decode backend of its
+        weights (the lean one where the model has it): it masks the same products, but never pays itself."""
+        if sparsity is None or not (sparsity.auto and sparsity.token) or backend.name == "lean":
+            return self.resolve(sparsity, backend)
+        lean = self.own_weights is not None and self.lean_supported() and self.backend_name != "reference"
+        return self.resolve(sparsity, self.backend("lean", self.own_weights) if lean else backend)
 
     def token_pays(self, backend: DecodeBackend, sparsity: SparsityConfig) -> bool:
         """Whether token-level decoding at ``sparsity`` is at least ``TOKEN_SPEEDUP`` times as fast as dense

@@ -436,7 +436,8 @@ def evaluate(
             if config.rule == DENSE and isinstance(chosen, ReferenceBackend):
                 logits, density, share = dense_logits, 1.0, 1.0
             elif config.rule == DEFAULT and default_sparsity(config).token:
-                # Token-level auto is one calibrated level per model and quality target.
+                # Token-level auto is one calibrated level per model and quality target, or dense where
+                # that level does not pay here: what generation decodes (Engine.resolve_scored).
                 sparsity = engine.resolve_scored(default_sparsity(config), chosen)
                 logits, density, share = score_shares(engine, pre, sparsity, None, chosen)
                 keeps[config].append(sparsity.keep if sparsity is not None else 1.0)
@@ -459,7 +460,7 @@ def evaluate(
     for row, config in zip(rows, configs):
         if config.rule == DEFAULT:
             row["keep"] = sum(keeps[config]) / len(keeps[config])  # the mean keep chosen
-            # What scored: token-level auto on int8/int4 weights scores dense (Engine.resolve_scored).
+            # What scored: dense where the default decodes densely on these weights (Engine.resolve_scored).
             row["mode"] = default_sparsity(config).mode if row["keep"] < 1.0 or not default_sparsity(config).token else "dense"
         if config.rule == DEFAULT and not default_sparsity(config).token:
             # the answer's first `warmup` tokens are dense by design, so the sparse part is also reported on its own
