@@ -69,6 +69,33 @@ def test_attend_equals_rope_cache_write_and_masked_sdpa(heads, kv_heads, hd, fir
     torch.testing.assert_close(values, want_values)
 
 
+
+@needs_kernels
+@pytest.mark.parametrize("hd,slot", [(64, 250), (128, 93), (24, 40)])
+def test_attend_over_long_caches_ignores_what_masked_slots_hold(hd, slot):
+    """Spans of many 8-slot blocks and a tail, head sizes with and without the 64-wide value path; masked
+    slots holding NaN (a cache row nobody wrote) change nothing."""
+    gen = torch.Generator().manual_seed(2)
+    batch, heads, kv_heads, length, scale = 3, 6, 2, 320, hd ** -0.5
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * hd, generator=gen)
+    cos, sin = torch.randn(batch, hd, generator=gen), torch.randn(batch, hd, generator=gen)
+    keys, values = (torch.randn(2, batch, kv_heads, length, hd, generator=gen) * 3).unbind(0)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    valid[0, : slot + 1] = True
+    valid[1, 37 : slot + 1] = True  # left padding that ends inside an 8-slot block
+    valid[2, slot] = True  # only the new token
+    want_keys, want_values = keys.clone(), values.clone()
+    want = _reference_attention(qkv, cos, sin, want_keys, want_values, valid, heads, kv_heads, slot, 0, scale,
+                                None, None, 1e-6)
+    keys[~valid[:, None, :, None].expand_as(keys)] = float("nan")
+    values[~valid[:, None, :, None].expand_as(values)] = float("nan")
+    got = cpu_kernels.attend(qkv, cos, sin, keys, values, valid, heads, kv_heads, slot, 0, scale, None, None, 1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # One row alone gets the numbers it gets in the batch.
+    alone = cpu_kernels.attend(qkv[1:2], cos[1:2], sin[1:2], keys[1:2].clone(), values[1:2].clone(), valid[1:2],
+                               heads, kv_heads, slot, 0, scale, None, None, 1e-6)
+    assert torch.equal(alone, got[1:2])
+
 def _int4_model(arch: str):
     model = tiny_model(arch)
     with torch.no_grad():

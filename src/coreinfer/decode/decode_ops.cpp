@@ -37,6 +37,73 @@ inline void rms_norm_row(const float* x, const float* w, float eps, float* y, in
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
 }
 
+// The dot products of q with 8 consecutive rows of k (row stride hd, hd a multiple of 8), as one
+// vector: 8 sums of fmadds, then a transpose-add (hadd tree) instead of 8 horizontal reductions.
+inline __m256 dot8(const float* q, const float* k, int64_t hd) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < hd; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * hd + i), acc[j]);
+  }
+  const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);  // each row's two halves
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// exp(x) for x <= 0, within 2 ulp of std::exp (Cephes' expf: 2^n times a degree-6 polynomial of the
+// remainder); below -87.3 (exp < 2^-126) it returns a subnormal-free tiny number, which the caller masks.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+// score[t] = exp(score[t] - best), 0 where score[t] is -inf (masked); returns their sum.
+inline float exp_shifted(float* score, int64_t n, float best) {
+  const __m256 shift = _mm256_set1_ps(best), masked = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 sum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 s = _mm256_loadu_ps(score + t);
+    const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(s, masked, _CMP_EQ_OQ), exp8(_mm256_sub_ps(s, shift)));
+    _mm256_storeu_ps(score + t, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  float total = _mm_cvtss_f32(h);
+  for (; t < n; ++t) {
+    score[t] = score[t] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(score[t] - best);
+    total += score[t];
+  }
+  return total;
+}
+
+// y[0 .. 64) = inv * sum_t p[t] * v[t * hd + 0 .. 64): one 64-wide slice of a head's output, in registers.
+inline void weighted_rows64(const float* p, const float* v, int64_t n, int64_t hd, float inv, float* y) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    if (p[t] == 0.f) continue;  // masked slots (and their possibly unwritten values)
+    const __m256 w = _mm256_set1_ps(p[t]);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * hd + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+}
+
 }  // namespace coreinfer_decode
 
 // x += norm(delta, post) (post: Gemma's norm of a block's output; undefined: delta itself), then
@@ -131,31 +198,34 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   auto one_head = [&](int64_t bh, std::vector<float>& score) {
     const int64_t b = bh / heads, h = bh % heads, kvh = h / group;
     const float* q = queries.data() + bh * hd;
-    const float* k = k_cache + (b * kv_heads + kvh) * length * hd;
-    const float* v = v_cache + (b * kv_heads + kvh) * length * hd;
-    const bool* mask = ok + b * valid_stride;
+    const float* k = k_cache + ((b * kv_heads + kvh) * length + first) * hd;  // slot `first` on
+    const float* v = v_cache + ((b * kv_heads + kvh) * length + first) * hd;
+    const bool* mask = ok + b * valid_stride + first;
+    int64_t t = 0;
+    if (hd % 8 == 0)
+      for (; t + 8 <= span; t += 8) _mm256_storeu_ps(score.data() + t, coreinfer_decode::dot8(q, k + t * hd, hd));
+    for (; t < span; ++t) score[t] = coreinfer_decode::dot(q, k + t * hd, hd);
     float best = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < span; ++t) {
-      const int64_t at = first + t;
-      score[t] = mask[at] ? coreinfer_decode::dot(q, k + at * hd, hd) * sc : -std::numeric_limits<float>::infinity();
+    for (t = 0; t < span; ++t) {  // masked slots may hold anything, even NaN: their scores are replaced
+      score[t] = mask[t] ? score[t] * sc : -std::numeric_limits<float>::infinity();
       best = std::max(best, score[t]);
     }
     float* y = o + (b * heads + h) * hd;
-    std::fill(y, y + hd, 0.f);
-    if (best == -std::numeric_limits<float>::infinity()) return;  // nothing to attend to
-    float total = 0.f;
-    for (int64_t t = 0; t < span; ++t) {
-      const float p = mask[first + t] ? std::exp(score[t] - best) : 0.f;
-      score[t] = p;
-      total += p;
+    if (best == -std::numeric_limits<float>::infinity()) {  // nothing to attend to
+      std::fill(y, y + hd, 0.f);
+      return;
     }
-    for (int64_t t = 0; t < span; ++t) {
+    const float inv = 1.f / coreinfer_decode::exp_shifted(score.data(), span, best);
+    if (hd % 64 == 0) {
+      for (int64_t c = 0; c < hd; c += 64) coreinfer_decode::weighted_rows64(score.data(), v + c, span, hd, inv, y + c);
+      return;
+    }
+    std::fill(y, y + hd, 0.f);
+    for (t = 0; t < span; ++t) {
       const float p = score[t];
       if (p == 0.f) continue;
-      const float* vt = v + (first + t) * hd;
-      for (int64_t i = 0; i < hd; ++i) y[i] += p * vt[i];
+      for (int64_t i = 0; i < hd; ++i) y[i] += p * v[t * hd + i];
     }
-    const float inv = 1.f / total;
     for (int64_t i = 0; i < hd; ++i) y[i] *= inv;
   };
   // Threads only where the work outweighs waking them (a few microseconds).
