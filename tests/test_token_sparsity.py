@@ -129,6 +129,21 @@ def test_calibration_is_cached_and_measures_every_input(monkeypatch, tmp_path):
     assert torch.equal(again.thresholds, profile.thresholds)
 
 
+
+def test_calibration_without_probes_drops_the_same_share_of_every_input(monkeypatch, tmp_path):
+    """Speed runs on random weights (``probes=False``) thin every matrix's input alike, not the largest
+    matrix's alone: there the FFN and the attention each read about the target."""
+    from coreinfer.token_calibration import calibrate_tokens
+
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path))
+    engine = Engine(tiny_model("llama"), tokenizer=None, name="tiny-llama", weights="fp32")
+    ps = prompts((9, 5, 12, 7), seed=3)
+    profile = calibrate_tokens(engine, ps, [p[::-1] * 2 for p in ps], progress=False, probes=False)
+    for keep in (0.5, 0.7):
+        chosen = profile.allocate(keep, "all").values
+        level = (profile.thresholds == chosen[..., None]).float().argmax(-1)  # the level each input got
+        assert set(level.flatten().tolist()) <= {round((1 - keep) * 20) + d for d in (-1, 0, 1)}, level
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2", "gpt_neox"])
 def test_keep_one_reproduces_dense_logits(arch, monkeypatch, tmp_path):
     engine = calibrated(arch, monkeypatch, tmp_path)

@@ -138,8 +138,12 @@ def calibrate_tokens(
         thresholds[layer, g] = level_thresholds(x.abs()).cpu()
         weight = _weights(engine, layer, group)
         sizes[layer, g] = weight.numel()
-        if not probes:  # every input alike: the allocation then spreads the target evenly
-            errors[layer, g] = torch.tensor(LEVELS)
+        if not probes:
+            # Every input alike: a cost per weight that grows with the share dropped, the same curve for
+            # every matrix, so the greedy allocation drops the same share of every input. (A cost that
+            # grew linearly would cost the same per weight at every level, and the allocation, taking
+            # the largest savings first, would empty the largest matrix's input before touching the rest.)
+            errors[layer, g] = torch.tensor(LEVELS) ** 2 * weight.numel()
             continue
         sample = x[torch.linspace(0, len(x) - 1, min(len(x), ERROR_TOKENS), device=x.device).long()]
         errors[layer, g] = relative_errors(sample, weight, thresholds[layer, g].to(x.device))
