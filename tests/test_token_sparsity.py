@@ -144,6 +144,19 @@ def test_calibration_without_probes_drops_the_same_share_of_every_input(monkeypa
         level = (profile.thresholds == chosen[..., None]).float().argmax(-1)  # the level each input got
         assert set(level.flatten().tolist()) <= {round((1 - keep) * 20) + d for d in (-1, 0, 1)}, level
 
+
+def test_attention_density_is_what_a_results_two_shares_leave_for_the_attention(monkeypatch, tmp_path):
+    """FFN-only targets read the attention whole; thinning it too shows below 1."""
+    engine = calibrated("llama", monkeypatch, tmp_path)
+    assert engine.attention_density(1.0, 1.0) == pytest.approx(1.0)
+    sampling = SamplingConfig(max_new_tokens=8)
+    for targets in ("ffn", "all"):
+        result = engine.generate_ids(prompts((9,)), SparsityConfig(mode="token", keep=0.5, targets=targets), sampling,
+                                     backend="lean", weights="fp32")[0]
+        density = engine.attention_density(result.ffn_density, result.weight_share)
+        assert result.ffn_density < 0.9
+        assert density == pytest.approx(1.0, abs=1e-6) if targets == "ffn" else 0.0 < density < 0.9
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2", "gpt_neox"])
 def test_keep_one_reproduces_dense_logits(arch, monkeypatch, tmp_path):
     engine = calibrated(arch, monkeypatch, tmp_path)

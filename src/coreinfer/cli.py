@@ -597,7 +597,8 @@ def bench(
             _fail(str(err))
         for row in report["rows"]:
             typer.echo(f"{row['config']}: {row['decode_tok_s']:.2f} tok/s, x{row['speedup_vs_dense']:.2f} dense, "
-                       f"ffn_density {row['ffn_density']:.3f}, weight_share {row['weight_share']:.3f}")
+                       f"ffn_density {row['ffn_density']:.3f}, attention_density {row['attention_density']:.3f}, "
+                       f"weight_share {row['weight_share']:.3f}")
         if json_path:
             _report_path(json_path).write_text(json.dumps(report, indent=1))
         return

@@ -432,12 +432,21 @@ class Engine:
     def head_size(self) -> int:
         return self.model.get_output_embeddings().weight.numel()
 
+    def weight_sizes(self) -> tuple[int, int, int]:
+        """Decode-time weight elements: the attention projections', the FFNs' and the LM head's."""
+        attention = sum(m.weight.numel() for layer in self.attention_modules() for ms in layer.values() for m in ms)
+        return attention, sum(f.weights.num_weights() for f in self.ffns), self.head_size()
+
     def weight_share(self, ffn_density: float) -> float:
         """Share of all decode-time weights read per token when the FFNs read ``ffn_density`` of theirs."""
-        attention = sum(m.weight.numel() for layer in self.attention_modules() for ms in layer.values() for m in ms)
-        ffn = sum(f.weights.num_weights() for f in self.ffns)
-        head = self.head_size()
+        attention, ffn, head = self.weight_sizes()
         return (attention + ffn * ffn_density + head) / (attention + ffn + head)
+
+    def attention_density(self, ffn_density: float, weight_share: float) -> float:
+        """The share of the attention projections' weights read per token, from a result's two shares
+        (the LM head is always read whole)."""
+        attention, ffn, head = self.weight_sizes()
+        return (weight_share * (attention + ffn + head) - ffn * ffn_density - head) / attention
 
     def token_session(
         self, thresholds: TokenThresholds, batch_size: int, config: Optional[SparsityConfig] = None
