@@ -8,7 +8,7 @@ import torch
 
 from coreinfer import Engine
 from coreinfer.config import SparsityConfig
-from coreinfer.decode.lean import PromptCache
+from coreinfer.decode.lean import PromptCache, prefill, prefill_steps
 
 from conftest import prompts
 from test_cpu_kernels import LEAN_FAMILIES, _int4_model, needs_kernels
@@ -49,6 +49,39 @@ def test_prefill_equals_its_own_decode_step_and_the_hf_cache(arch):
         alone, _ = backend.prefill(*engine.left_pad([prompt]))
         torch.testing.assert_close(alone[0, -1], logits[row, -1], rtol=1e-4, atol=1e-4)
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", LEAN_FAMILIES)
+@torch.inference_mode()
+def test_a_prefill_in_chunks_is_the_whole_prefill(arch):
+    """Chunks of 5 columns over left-padded prompts longer than Gemma 3's sliding window (16): each
+    chunk attends to the keys before it, so the logits and every real slot's keys and values are the
+    one-chunk prefill's; the steps pause once between chunks, and a one-chunk prompt does not pause."""
+    engine = Engine(_int4_model(arch), tokenizer=None)
+    model = engine.backend("lean", "int4").model
+    ids, mask = engine.left_pad(prompts((9, 23, 14), seed=5))
+    whole, whole_cache = prefill(model, ids, mask, chunk=ids.shape[1])
+    steps = prefill_steps(model, ids, mask, chunk=5)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            chunked, chunked_cache = done.value
+            break
+    assert pauses == -(-ids.shape[1] // 5) - 1
+    assert _relative(chunked, whole) < 1e-4  # as a batch row against its single run: attention sums in another order
+    real = mask.bool()
+    for ours, theirs in zip(chunked_cache.layers, whole_cache.layers):
+        for got, want in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            assert _relative(got.transpose(1, 2)[real], want.transpose(1, 2)[real]) < 1e-4
+    one = prefill_steps(model, ids[:1, -4:], mask[:1, -4:], chunk=5)
+    with pytest.raises(StopIteration):
+        next(one)
+    with pytest.raises(ValueError, match="chunk"):
+        prefill(model, ids, mask, chunk=0)
 
 @needs_kernels
 @torch.inference_mode()

@@ -12,6 +12,7 @@ from coreinfer import Engine, SamplingConfig, SparsityConfig
 from coreinfer.scheduler import Cancelled, QueueFull, QueueTimeout, Scheduler
 
 from conftest import prompts, tiny_model
+from test_cpu_kernels import _int4_model, needs_kernels
 
 LEAN_ARCHS = ("llama", "qwen2", "gemma3_text")  # plain, with q/k/v biases, with sliding windows
 
@@ -67,6 +68,54 @@ def test_joining_midway_changes_nobody_elses_tokens():
     finally:
         scheduler.close()
 
+
+
+@needs_kernels
+def test_a_long_prompt_is_read_in_chunks_while_the_others_decode():
+    """On the int4 lean prefill a latecomer's prompt of 8 chunks lets the running request take a step
+    after each of the first 7; both get the tokens they get alone (prefilled in the same chunks)."""
+    engine = Engine(_int4_model("llama"), tokenizer=None, name="tiny-int4", weights="int4", backend="lean")
+    backend = engine.backend()
+    assert backend.prefills
+    backend.prefill_chunk = 8
+    running, late = prompts((4,))[0], prompts((60,), seed=7)[0]
+    sampling = SamplingConfig(max_new_tokens=40)
+    expected = alone(engine, running, None, sampling).token_ids
+    expected_late = alone(engine, late, None, SamplingConfig(max_new_tokens=6)).token_ids
+    events = []
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        first = scheduler.submit([running], None, sampling, on_token=lambda e: events.append("running"))
+        while len(events) < 5:
+            time.sleep(0.001)
+        events.append("late submitted")
+        second = scheduler.submit([late], None, SamplingConfig(max_new_tokens=6),
+                                  on_token=lambda e: events.append("late"))
+        assert second.wait(60)[0].token_ids == expected_late
+        assert first.wait(60)[0].token_ids == expected
+    finally:
+        scheduler.close()
+    waiting = events[events.index("late submitted") + 1 : events.index("late")]
+    assert waiting.count("running") >= 7  # a step between chunks (plus any before its admission)
+
+
+@needs_kernels
+def test_a_prompt_cancelled_while_it_is_read_leaves_and_the_others_go_on():
+    engine = Engine(_int4_model("llama"), tokenizer=None, name="tiny-int4", weights="int4", backend="lean")
+    engine.backend().prefill_chunk = 1  # 60 pauses: the cancel lands while the prompt is read, or before
+    running, late = prompts((4,))[0], prompts((60,), seed=7)[0]
+    sampling = SamplingConfig(max_new_tokens=30)
+    expected = alone(engine, running, None, sampling).token_ids
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        first = scheduler.submit([running], None, sampling)
+        second = scheduler.submit([late], None, SamplingConfig(max_new_tokens=6))
+        second.cancel()
+        with pytest.raises(Cancelled):
+            second.wait(60)
+        assert first.wait(60)[0].token_ids == expected
+    finally:
+        scheduler.close()
 
 def test_mixed_sparsity_and_sampling_each_as_alone():
     engine = engine_for("llama")

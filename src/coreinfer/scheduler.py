@@ -11,7 +11,8 @@ other; like llama.cpp's slots and vLLM, a ``Scheduler`` thread runs one loop:
    the sequences that finished or whose client went away.
 
 A request joins at a step boundary, after its own prefill: one prefill runs between two steps,
-so a newcomer stalls the others for one prompt's prefill at most. Sequences that decode alike
+so a newcomer stalls the others for one prompt's prefill at most, and on the int4 lean
+prefill for one chunk of it at a time (``lean.prefill_steps``). Sequences that decode alike
 share a lane: dense ones, sentence-level ones (each row with its own compact weights), and
 token-level ones at the same thresholds. Each lane keeps one KV cache whose rows are aligned on
 their last token, like a left-padded batch, so the lean step's attention, masks and sliding
@@ -478,8 +479,14 @@ class Scheduler:
             ids, mask = engine.left_pad(prompts)
             sentence = items[0][2] is not None and not items[0][2].token
             session = engine.new_session(items[0][2], mask) if sentence else None  # (alone in items)
-            logits, hf_cache = engine.prefill(ids, mask, session, backend=backend)
-            prefill_s = time.perf_counter() - start
+            if not sentence and backend.prefills:
+                logits, hf_cache, stepped = self._interleaved_prefill(backend, ids, mask, [sub for sub, _, _ in items])
+                if logits is None:
+                    return
+            else:
+                logits, hf_cache = engine.prefill(ids, mask, session, backend=backend)
+                stepped = 0.0
+            prefill_s = time.perf_counter() - start - stepped
             self.prefills += 1
             first_row = 0
             for sub, _, sparsity in items:
@@ -490,6 +497,25 @@ class Scheduler:
                 state = backend.start(own, PromptCache.rows_of(hf_cache, rows), mask[rows], ids.shape[1] + 1)
                 self._launch(sub, backend, sparsity, own, logits[rows, -1, :], state, ids.shape[1],
                              prefill_s, time.perf_counter() - start)
+
+    def _interleaved_prefill(self, backend: LeanBackend, ids: torch.Tensor, mask: torch.Tensor, subs: list):
+        """The lean prefill a chunk of columns at a time, the running lanes taking a step between
+        chunks: a long prompt holds the others back by one chunk at a time, not its whole prefill.
+        Returns the logits, the cache and the seconds spent stepping the others (None, None, s once
+        every submission in it was cancelled: they fail here)."""
+        steps, stepped = backend.prefill_steps(ids, mask), 0.0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return (*done.value, stepped)
+            if all(sub.cancelled for sub in subs):
+                for sub in subs:
+                    sub.fail(Cancelled("cancelled while its prompt was read"))
+                return None, None, stepped
+            start = time.perf_counter()
+            self._step_lanes()
+            stepped += time.perf_counter() - start
 
     def _launch(self, sub: Submission, backend: LeanBackend, sparsity, session, logits: torch.Tensor,
                 prompt_state: LeanState, width: int, prefill_s: float, select_s: float) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from .weights import (
 # The matrices reading each token-level input (token_sparsity.GROUPS), as LeanLayer attributes.
 TOKEN_WEIGHTS = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 
+# Prompt columns the lean prefill takes at a time (``prefill_steps``): a server decodes its other
+# requests between chunks. SmolLM2 int4 here: about 70 ms a chunk of one 128-token prompt.
+PREFILL_CHUNK = 128
 NEAR_TIE = 2.0 ** -6  # logits this close to the best (relative) are recomputed in fp32 (exact_top_logits)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Gemma 3 differs in a few declared places: RMSNorm scales by (1 + w), norms after attention and
@@ -466,52 +469,83 @@ class PromptCache:
         return cls([LayerCache(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
-def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PromptCache]:
-    """The left-padded prompts ``ids`` ``[B, T]`` (``mask`` 1 on real tokens) through the lean model
-    at once, densely: the last column's logits ``[B, 1, V]`` and every layer's keys and values.
+def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
+            chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, PromptCache]:
+    """The left-padded prompts ``ids`` ``[B, T]`` (``mask`` 1 on real tokens) through the lean model,
+    densely, ``chunk`` columns at a time: the last column's logits ``[B, 1, V]`` and every layer's
+    keys and values (``prefill_steps``, run to its end).
 
     Why: on int4 the HF prefill runs the fp32 dequantised model (SmolLM2: ~0.15 s for a 36-token chat
     prompt, as long as ~25 decode steps), while the int4 kernels take the whole prompt as one batch
     whose rows share each load of the codes. Each row's products are its single run's."""
+    steps = prefill_steps(model, ids, mask, chunk)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_steps(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
+                  chunk: int = PREFILL_CHUNK) -> Generator[None, None, tuple[torch.Tensor, PromptCache]]:
+    """``prefill``, pausing (``yield``) after each ``chunk`` columns but the last, so that a server can
+    decode its other requests' next tokens in between: a long prompt then delays them by a chunk at a
+    time, not by its whole prefill. Each chunk attends to the keys and values of the chunks before it,
+    so the result is the unchunked prefill's up to float rounding; a prompt of at most ``chunk``
+    columns is one chunk, and the same numbers."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 column, not {chunk}")
     batch, width = ids.shape
+    kv, hd = model.n_kv_heads, model.head_dim
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    rope = {kind: (cos[positions][:, None], sin[positions][:, None])  # [B, 1, T, hd]
-            for kind, (cos, sin) in model.rope_tables(width).items()}
+    tables = model.rope_tables(width)
     # Query i sees keys j <= i that hold real tokens; a padding query sees itself (its output is unused).
     query, key = torch.arange(width, device=ids.device)[:, None], torch.arange(width, device=ids.device)[None]
     visible = (key <= query) & mask.bool()[:, None, :] | (key == query)  # [B, T, T]
-    x = model.embed[ids.reshape(-1)].to(model.dtype)
-    if model.embed_scale != 1.0:
-        x = x * torch.tensor(model.embed_scale, dtype=model.embed.dtype).to(model.dtype)
-    cache = PromptCache([])
-    out, out_norm = None, None
-    for layer in model.layers:
-        attn_in = _add_norm(model, x, out, out_norm, layer.attn_norm)
-        allowed = visible & (query - key < layer.window) if layer.window else visible
-        out, out_norm = _prompt_attention(model, layer, attn_in, batch, rope, allowed, cache), layer.attn_out_norm
-        ffn_in = _add_norm(model, x, out, out_norm, layer.ffn_norm)
-        out, out_norm = _gated(model, ffn_in, layer.w13, layer.w2), layer.ffn_out_norm
-    last, last_out = (t.view(batch, width, -1)[:, -1].contiguous() for t in (x, out))
-    x = _add_norm(model, last, last_out, out_norm, model.norm)
+    windows = {layer.window: visible & (query - key < layer.window) for layer in model.layers if layer.window}
+    cache = PromptCache([LayerCache(torch.empty(batch, kv, width, hd, dtype=model.attn_dtype, device=ids.device),
+                                    torch.empty(batch, kv, width, hd, dtype=model.attn_dtype, device=ids.device))
+                         for _ in model.layers])
+    for first in range(0, width, chunk):
+        last = min(width, first + chunk)
+        rows = positions[:, first:last]
+        rope = {kind: (cos[rows][:, None], sin[rows][:, None]) for kind, (cos, sin) in tables.items()}  # [B, 1, C, hd]
+        x = model.embed[ids[:, first:last].reshape(-1)].to(model.dtype)
+        if model.embed_scale != 1.0:
+            x = x * torch.tensor(model.embed_scale, dtype=model.embed.dtype).to(model.dtype)
+        out, out_norm = None, None
+        for layer, layer_cache in zip(model.layers, cache.layers):
+            attn_in = _add_norm(model, x, out, out_norm, layer.attn_norm)
+            allowed = (windows[layer.window] if layer.window else visible)[:, first:last, :last]
+            out = _prompt_attention(model, layer, attn_in, batch, rope, allowed, layer_cache, first, last)
+            out_norm = layer.attn_out_norm
+            ffn_in = _add_norm(model, x, out, out_norm, layer.ffn_norm)
+            out, out_norm = _gated(model, ffn_in, layer.w13, layer.w2), layer.ffn_out_norm
+        if last < width:
+            yield
+    columns = last - first
+    final, final_out = (t.view(batch, columns, -1)[:, -1].contiguous() for t in (x, out))
+    x = _add_norm(model, final, final_out, out_norm, model.norm)
     return _logits(model, x)[:, None], cache
 
 
 def _prompt_attention(model: LeanModel, layer: LeanLayer, x: torch.Tensor, batch: int,
                       rope: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: torch.Tensor,
-                      cache: PromptCache) -> torch.Tensor:
-    """The attention block over whole prompts ``x`` ``[B * T, d]``; appends the layer's keys and values."""
+                      cache: LayerCache, first: int, last: int) -> torch.Tensor:
+    """The attention block over columns ``[first, last)`` of the prompts (``x`` ``[B * C, d]``): their
+    keys and values go into ``cache`` there, and they attend to every column before ``last``."""
     h, kv, hd = model.n_heads, model.n_kv_heads, model.head_dim
     qkv = linear(x, layer.wqkv)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv
-    qkv = qkv.to(model.attn_dtype).view(batch, -1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, T, hd]
+    qkv = qkv.to(model.attn_dtype).view(batch, -1, h + 2 * kv, hd).transpose(1, 2)  # [B, H+2KV, C, hd]
     qk, v = qkv[:, : h + kv], qkv[:, h + kv :]
     if layer.q_norm is not None:
         qk = torch.cat([F.rms_norm(qk[:, :h], (hd,), layer.q_norm, model.eps),
                         F.rms_norm(qk[:, h:], (hd,), layer.k_norm, model.eps)], dim=1)
     qk = _rotate(qk, *rope[layer.rope])
-    cache.layers.append(LayerCache(qk[:, h:].contiguous(), v.contiguous()))
-    out = F.scaled_dot_product_attention(qk[:, :h], cache.layers[-1].keys, cache.layers[-1].values,
+    cache.keys[:, :, first:last], cache.values[:, :, first:last] = qk[:, h:], v
+    out = F.scaled_dot_product_attention(qk[:, :h], cache.keys[:, :, :last], cache.values[:, :, :last],
                                          attn_mask=allowed[:, None], enable_gqa=kv != h, scale=model.scale)
     return linear(out.transpose(1, 2).reshape(x.shape[0], h * hd).to(model.dtype), layer.wo)
 
@@ -566,6 +600,7 @@ class LeanBackend:
     def __init__(self, model: LeanModel):
         self.model = model
         self.weights = model.weights
+        self.prefill_chunk = PREFILL_CHUNK  # one number for every request, so each gets its single run's
 
     @property
     def max_length(self) -> int:
@@ -579,7 +614,11 @@ class LeanBackend:
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PromptCache]:
         """The last column's logits ``[B, 1, V]`` and the cache ``start`` reads (``prefill``)."""
-        return prefill(self.model, ids, mask)
+        return prefill(self.model, ids, mask, self.prefill_chunk)
+
+    def prefill_steps(self, ids: torch.Tensor, mask: torch.Tensor):
+        """``prefill``, pausing between chunks of the prompt (``prefill_steps``)."""
+        return prefill_steps(self.model, ids, mask, self.prefill_chunk)
 
     def start(self, session, hf_cache, mask: torch.Tensor, length: int) -> LeanState:
         """Copy the prompt's cache in and gather each sparse layer's kept neurons."""
