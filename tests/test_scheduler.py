@@ -50,24 +50,30 @@ def test_concurrent_dense_greedy_equals_alone(arch):
     assert scheduler.peak >= 3  # they did share steps
 
 
-def test_joining_midway_changes_nobody_elses_tokens():
-    engine = engine_for("llama")
-    long_prompt, late = prompts((4,))[0], prompts((30,), seed=5)[0]  # the latecomer's prompt is longer
-    sampling = SamplingConfig(max_new_tokens=40)
-    expected = alone(engine, long_prompt, None, sampling).token_ids
-    expected_late = alone(engine, late, None, SamplingConfig(max_new_tokens=8)).token_ids
-    seen = []
+def join_midway(engine: Engine, running, late, sampling: SamplingConfig, late_sampling: SamplingConfig,
+                after: int = 10) -> list[str]:
+    """``running`` decodes; after its ``after``-th token ``late`` arrives; each must get its tokens alone.
+    Returns what happened, in order: "running" and "late" for each token, and "late submitted"."""
+    expected = alone(engine, running, None, sampling).token_ids
+    expected_late = alone(engine, late, None, late_sampling).token_ids
+    events: list[str] = []
     scheduler = Scheduler(engine, max_batch=4)
     try:
-        first = scheduler.submit([long_prompt], None, sampling, on_token=lambda e: seen.append(e))
-        while len(seen) < 10:  # the first request is decoding when the second arrives
+        first = scheduler.submit([running], None, sampling, on_token=lambda e: events.append("running"))
+        while events.count("running") < after:  # the first request is decoding when the second arrives
             time.sleep(0.001)
-        second = scheduler.submit([late], None, SamplingConfig(max_new_tokens=8))
+        events.append("late submitted")
+        second = scheduler.submit([late], None, late_sampling, on_token=lambda e: events.append("late"))
         assert second.wait(60)[0].token_ids == expected_late
         assert first.wait(60)[0].token_ids == expected
     finally:
         scheduler.close()
+    return events
 
+
+def test_joining_midway_changes_nobody_elses_tokens():
+    running, late = prompts((4,))[0], prompts((30,), seed=5)[0]  # the latecomer's prompt is longer
+    join_midway(engine_for("llama"), running, late, SamplingConfig(max_new_tokens=40), SamplingConfig(max_new_tokens=8))
 
 
 @needs_kernels
@@ -79,22 +85,8 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_decode():
     assert backend.prefills
     backend.prefill_chunk = 8
     running, late = prompts((4,))[0], prompts((60,), seed=7)[0]
-    sampling = SamplingConfig(max_new_tokens=40)
-    expected = alone(engine, running, None, sampling).token_ids
-    expected_late = alone(engine, late, None, SamplingConfig(max_new_tokens=6)).token_ids
-    events = []
-    scheduler = Scheduler(engine, max_batch=4)
-    try:
-        first = scheduler.submit([running], None, sampling, on_token=lambda e: events.append("running"))
-        while len(events) < 5:
-            time.sleep(0.001)
-        events.append("late submitted")
-        second = scheduler.submit([late], None, SamplingConfig(max_new_tokens=6),
-                                  on_token=lambda e: events.append("late"))
-        assert second.wait(60)[0].token_ids == expected_late
-        assert first.wait(60)[0].token_ids == expected
-    finally:
-        scheduler.close()
+    events = join_midway(engine, running, late, SamplingConfig(max_new_tokens=40), SamplingConfig(max_new_tokens=6),
+                         after=5)
     waiting = events[events.index("late submitted") + 1 : events.index("late")]
     assert waiting.count("running") >= 7  # a step between chunks (plus any before its admission)
 
