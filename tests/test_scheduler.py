@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coreinfer import Engine, SamplingConfig, SparsityConfig
-from coreinfer.scheduler import Cancelled, QueueFull, QueueTimeout, Scheduler
+from coreinfer.scheduler import Cancelled, PrefixStore, QueueFull, QueueTimeout, Scheduler
 
 from conftest import prompts, tiny_model
 from test_cpu_kernels import _int4_model, needs_kernels
@@ -108,6 +108,42 @@ def test_a_prompt_cancelled_while_it_is_read_leaves_and_the_others_go_on():
         assert first.wait(60)[0].token_ids == expected
     finally:
         scheduler.close()
+
+
+@needs_kernels
+def test_a_prompt_sharing_a_kept_prefix_reads_only_the_rest_and_answers_as_alone():
+    """Three prompts with one 20-token beginning (a system prompt), one after another: the second and
+    third start from the first's kept keys and values, and each gets its tokens alone."""
+    engine = Engine(_int4_model("llama"), tokenizer=None, name="tiny-int4", weights="int4", backend="lean")
+    system = prompts((20,), seed=11)[0]
+    asked = [system + tail for tail in prompts((6, 9, 4), seed=12)]
+    sampling = SamplingConfig(max_new_tokens=10)
+    expected = [alone(engine, p, None, sampling).token_ids for p in asked]
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        got = [scheduler.submit([p], None, sampling).wait(60)[0].token_ids for p in asked]
+        store = scheduler.prefixes[id(engine.backend())]
+    finally:
+        scheduler.close()
+    assert got == expected
+    assert store.hits == 2 and len(store.entries) == 3
+
+
+def test_the_prefix_store_keeps_the_longest_shared_beginning_within_its_bytes():
+    from coreinfer.decode.lean import LayerCache, PromptCache
+
+    def cache(tokens: int) -> PromptCache:
+        return PromptCache([LayerCache(torch.arange(tokens * 2.0).view(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2))])
+
+    store = PrefixStore(max_bytes=cache(40).nbytes(), min_tokens=4)
+    a, b = list(range(30)), list(range(10)) + [99] * 5
+    store.add(a, cache(30))
+    assert store.longest([7] + a) is None  # nothing shared at the start
+    assert store.longest(a[:3] + [5, 5]) is None  # below min_tokens
+    kept = store.longest(a)  # the whole prompt is kept, but its last token must still be read
+    assert kept.layers[0].keys.shape[2] == 29 and torch.equal(kept.layers[0].keys, cache(30).layers[0].keys[:, :, :29])
+    store.add(b, cache(15))  # over the byte bound: the least recently used prompt goes
+    assert list(store.entries) == [tuple(b)] and store.longest(a + [1]) is not None and store.hits == 2
 
 def test_mixed_sparsity_and_sampling_each_as_alone():
     engine = engine_for("llama")

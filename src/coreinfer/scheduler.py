@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +36,9 @@ from .config import SamplingConfig, SparsityConfig
 from .decode.lean import CompactLayer, KVCache, LeanBackend, LeanState, PromptCache
 from .decode.loop import GenerationResult, TokenEvent, _Sequence, _Tracker, pick_tokens, results_for
 from .process_memory import release_free_memory
+
+MIN_PREFIX = 16  # shared tokens below which a kept prefix is not worth its lookup and copy
+PREFIX_BYTES = 64 * 2**20  # keys and values kept per backend (SmolLM2: ~45 KB a token, ~1,400 tokens)
 
 
 def check_limits(max_batch: int, max_queue: int, queue_timeout: float) -> None:
@@ -307,6 +310,47 @@ class Lane:
         return self.backend.step(self.state, tokens)
 
 
+class PrefixStore:
+    """Single prompts' keys and values, kept after their lean prefill so that a later prompt beginning
+    with the same tokens (a chat template's system prompt, an earlier turn) reads only the rest, as
+    llama.cpp's prompt cache and vLLM's prefix caching do. Bounded in bytes, the least recently used
+    going first. A key's value depends only on the tokens before it, so a kept prefix gives the numbers
+    a fresh prefill gives (bitwise on SmolLM2; ``tests/test_scheduler.py``)."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = MIN_PREFIX):
+        self.max_bytes, self.min_tokens = max_bytes, min_tokens
+        self.entries: OrderedDict[tuple[int, ...], PromptCache] = OrderedDict()
+        self.hits = 0
+
+    def longest(self, tokens: Sequence[int]) -> Optional[PromptCache]:
+        """The kept columns of the longest prefix ``tokens`` shares with a kept prompt (leaving at least
+        its last token to read), or None below ``min_tokens``."""
+        best, length = None, 0
+        for kept in self.entries:
+            shared = 0
+            for a, b in zip(kept, tokens[: len(tokens) - 1]):
+                if a != b:
+                    break
+                shared += 1
+            if shared > length:
+                best, length = kept, shared
+        if best is None or length < self.min_tokens:
+            return None
+        self.entries.move_to_end(best)
+        self.hits += 1
+        return self.entries[best].columns(length)
+
+    def add(self, tokens: Sequence[int], cache: PromptCache) -> None:
+        key = tuple(tokens)
+        kept = cache.columns(len(key))
+        if kept.nbytes() > self.max_bytes:
+            return
+        self.entries.pop(key, None)
+        self.entries[key] = kept
+        while sum(c.nbytes() for c in self.entries.values()) > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
 def lane_kind(sparsity: Optional[SparsityConfig]) -> str:
     """Which lane decodes ``sparsity`` (already resolved to a number)."""
     if sparsity is None:
@@ -335,6 +379,7 @@ class Scheduler:
         self.prefills = 0  # prefill forward passes run (several waiting requests share one)
         self.steps = 0  # decode steps run, over all lanes
         self.peak = 0  # most sequences one step decoded together
+        self.prefixes: dict[int, PrefixStore] = {}  # id(backend) -> kept prompts
         self.thread = threading.Thread(target=self._loop, name="coreinfer-scheduler", daemon=True)
         self.thread.start()
 
@@ -480,9 +525,16 @@ class Scheduler:
             sentence = items[0][2] is not None and not items[0][2].token
             session = engine.new_session(items[0][2], mask) if sentence else None  # (alone in items)
             if not sentence and backend.prefills:
-                logits, hf_cache, stepped = self._interleaved_prefill(backend, ids, mask, [sub for sub, _, _ in items])
+                # One unpadded prompt may start from a kept prefix (batched prompts are left-padded apart).
+                single = prompts[0] if len(prompts) == 1 else None
+                store = self.prefixes.setdefault(id(backend), PrefixStore(PREFIX_BYTES))
+                past = store.longest(single) if single is not None else None
+                logits, hf_cache, stepped = self._interleaved_prefill(backend, ids, mask, [sub for sub, _, _ in items],
+                                                                      past)
                 if logits is None:
                     return
+                if single is not None:
+                    store.add(single, hf_cache)
             else:
                 logits, hf_cache = engine.prefill(ids, mask, session, backend=backend)
                 stepped = 0.0
@@ -498,12 +550,13 @@ class Scheduler:
                 self._launch(sub, backend, sparsity, own, logits[rows, -1, :], state, ids.shape[1],
                              prefill_s, time.perf_counter() - start)
 
-    def _interleaved_prefill(self, backend: LeanBackend, ids: torch.Tensor, mask: torch.Tensor, subs: list):
+    def _interleaved_prefill(self, backend: LeanBackend, ids: torch.Tensor, mask: torch.Tensor, subs: list,
+                             past: Optional[PromptCache] = None):
         """The lean prefill a chunk of columns at a time, the running lanes taking a step between
         chunks: a long prompt holds the others back by one chunk at a time, not its whole prefill.
         Returns the logits, the cache and the seconds spent stepping the others (None, None, s once
         every submission in it was cancelled: they fail here)."""
-        steps, stepped = backend.prefill_steps(ids, mask), 0.0
+        steps, stepped = backend.prefill_steps(ids, mask, past), 0.0
         while True:
             try:
                 next(steps)

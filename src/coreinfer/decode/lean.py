@@ -463,14 +463,22 @@ class PromptCache:
 
     layers: list[LayerCache]
 
+    def columns(self, count: int) -> "PromptCache":
+        """A copy of the first ``count`` columns."""
+        return PromptCache([LayerCache(layer.keys[:, :, :count].clone(), layer.values[:, :, :count].clone())
+                            for layer in self.layers])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
     @classmethod
     def rows_of(cls, cache, rows: slice) -> "PromptCache":
         """Rows ``rows`` of this or a Hugging Face cache."""
         return cls([LayerCache(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
-def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
-            chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, PromptCache]:
+def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor, chunk: int = PREFILL_CHUNK,
+            past: Optional[PromptCache] = None) -> tuple[torch.Tensor, PromptCache]:
     """The left-padded prompts ``ids`` ``[B, T]`` (``mask`` 1 on real tokens) through the lean model,
     densely, ``chunk`` columns at a time: the last column's logits ``[B, 1, V]`` and every layer's
     keys and values (``prefill_steps``, run to its end).
@@ -478,7 +486,7 @@ def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
     Why: on int4 the HF prefill runs the fp32 dequantised model (SmolLM2: ~0.15 s for a 36-token chat
     prompt, as long as ~25 decode steps), while the int4 kernels take the whole prompt as one batch
     whose rows share each load of the codes. Each row's products are its single run's."""
-    steps = prefill_steps(model, ids, mask, chunk)
+    steps = prefill_steps(model, ids, mask, chunk, past)
     while True:
         try:
             next(steps)
@@ -486,16 +494,23 @@ def prefill(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
             return done.value
 
 
-def prefill_steps(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
-                  chunk: int = PREFILL_CHUNK) -> Generator[None, None, tuple[torch.Tensor, PromptCache]]:
+def prefill_steps(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor, chunk: int = PREFILL_CHUNK,
+                  past: Optional[PromptCache] = None) -> Generator[None, None, tuple[torch.Tensor, PromptCache]]:
     """``prefill``, pausing (``yield``) after each ``chunk`` columns but the last, so that a server can
     decode its other requests' next tokens in between: a long prompt then delays them by a chunk at a
     time, not by its whole prefill. Each chunk attends to the keys and values of the chunks before it,
     so the result is the unchunked prefill's up to float rounding; a prompt of at most ``chunk``
-    columns is one chunk, and the same numbers."""
+    columns is one chunk, and the same numbers.
+
+    ``past``: the keys and values of the first columns of a single prompt (``ids`` ``[1, T]``, no
+    padding), kept from an earlier prefill of a prompt that began with the same tokens; those columns
+    are not read again (a chat template's shared system prompt)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 column, not {chunk}")
     batch, width = ids.shape
+    reused = past.layers[0].keys.shape[2] if past is not None else 0
+    if past is not None and (batch != 1 or not bool(mask.all()) or not 0 < reused < width):
+        raise ValueError("a kept prefix needs one unpadded prompt longer than the prefix")
     kv, hd = model.n_kv_heads, model.head_dim
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     tables = model.rope_tables(width)
@@ -506,7 +521,10 @@ def prefill_steps(model: LeanModel, ids: torch.Tensor, mask: torch.Tensor,
     cache = PromptCache([LayerCache(torch.empty(batch, kv, width, hd, dtype=model.attn_dtype, device=ids.device),
                                     torch.empty(batch, kv, width, hd, dtype=model.attn_dtype, device=ids.device))
                          for _ in model.layers])
-    for first in range(0, width, chunk):
+    if past is not None:
+        for layer_cache, kept in zip(cache.layers, past.layers):
+            layer_cache.keys[:, :, :reused], layer_cache.values[:, :, :reused] = kept.keys, kept.values
+    for first in range(reused, width, chunk):
         last = min(width, first + chunk)
         rows = positions[:, first:last]
         rope = {kind: (cos[rows][:, None], sin[rows][:, None]) for kind, (cos, sin) in tables.items()}  # [B, 1, C, hd]
@@ -616,9 +634,9 @@ class LeanBackend:
         """The last column's logits ``[B, 1, V]`` and the cache ``start`` reads (``prefill``)."""
         return prefill(self.model, ids, mask, self.prefill_chunk)
 
-    def prefill_steps(self, ids: torch.Tensor, mask: torch.Tensor):
-        """``prefill``, pausing between chunks of the prompt (``prefill_steps``)."""
-        return prefill_steps(self.model, ids, mask, self.prefill_chunk)
+    def prefill_steps(self, ids: torch.Tensor, mask: torch.Tensor, past: Optional[PromptCache] = None):
+        """``prefill``, pausing between chunks of the prompt (``prefill_steps``); ``past``: a kept prefix."""
+        return prefill_steps(self.model, ids, mask, self.prefill_chunk, past)
 
     def start(self, session, hf_cache, mask: torch.Tensor, length: int) -> LeanState:
         """Copy the prompt's cache in and gather each sparse layer's kept neurons."""
