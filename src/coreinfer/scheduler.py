@@ -341,6 +341,7 @@ class PrefixStore:
         return self.entries[best].columns(length)
 
     def add(self, tokens: Sequence[int], cache: PromptCache) -> None:
+        """Keep ``cache``, one unpadded prompt's (its tensors as they are: nothing writes them later)."""
         key = tuple(tokens)
         kept = cache.columns(len(key))
         if kept.nbytes() > self.max_bytes:

@@ -464,9 +464,8 @@ class PromptCache:
     layers: list[LayerCache]
 
     def columns(self, count: int) -> "PromptCache":
-        """A copy of the first ``count`` columns."""
-        return PromptCache([LayerCache(layer.keys[:, :, :count].clone(), layer.values[:, :, :count].clone())
-                            for layer in self.layers])
+        """The first ``count`` columns (views: ``prefill_steps`` copies a kept prefix into its own cache)."""
+        return PromptCache([LayerCache(layer.keys[:, :, :count], layer.values[:, :, :count]) for layer in self.layers])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
